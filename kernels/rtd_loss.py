@@ -1,0 +1,183 @@
+"""Fused sigmoid replaced-token-detection (RTD) loss with its gradient and metric counts.
+
+ELECTRA's discriminator loss (google-research/electra `run_pretraining.py`, `_get_discriminator_output`) is
+the masked mean of `tf.nn.sigmoid_cross_entropy_with_logits` over real (non-padding) tokens. One pass over the
+logits here computes, per element,
+
+    loss_i = max(x, 0) - x * y + log(1 + exp(-|x|))      (the numerically stable form TF documents)
+    grad_i = sigmoid(x) - y                               (d loss_i / d x)
+
+and counts tp / fp / fn / tn of the prediction `x > 0` so the discriminator metrics cost nothing extra.
+
+The mean needs the number of masked-in elements `n`, which is only known once the pass is over. Instead of an
+extra pass (or float atomics, which are not deterministic) the kernel stores the *unscaled* gradient and the
+per-block partial sums; `n = tp + fp + fn + tn` comes from the same pass, and backward rescales the stored
+gradient by `grad_output / n` (the Liger-Kernel cross-entropy idea: backward is a rescale). Partial sums are
+reduced in a fixed order, so the loss is bit-for-bit deterministic for a given shape.
+
+Legend for shape comments: N = number of tokens (B * T flattened).
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._device import check_triton_device
+
+# Elements per program. 1024 fp32 logits + int64 labels + bool mask is 13 KiB of loads per program: enough
+# bytes in flight per SM for a bandwidth-bound kernel without spilling (see benchmarks/results_kernels.md).
+RTD_BLOCK = 1024
+RTD_NUM_WARPS = 4
+
+
+@triton.jit
+def _rtd_loss_fwd_kernel(
+    logits_ptr,
+    labels_ptr,
+    mask_ptr,
+    grad_ptr,
+    loss_partial_ptr,
+    counts_partial_ptr,
+    n_elements,
+    BLOCK: tl.constexpr,
+):
+    """One block of BLOCK tokens: loss partial sum, unscaled gradient, confusion counts.
+
+    logits_ptr: (N,) any float dtype, contiguous.  labels_ptr: (N,) {0, 1}, any numeric dtype.
+    mask_ptr: (N,) uint8 (a bool tensor viewed as uint8); 0 = padding, ignored.
+    grad_ptr: (N,) logits dtype; receives (sigmoid(x) - y) * mask, *not* divided by the mask count.
+    loss_partial_ptr: (num_blocks,) fp32; receives this block's sum of masked losses.
+    counts_partial_ptr: (num_blocks, 4) int32 row-major; receives [tp, fp, fn, tn] of this block.
+    n_elements: N.  BLOCK: tokens per program (power of two).
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int64
+    in_bounds = offs < n_elements
+    x = tl.load(logits_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    y = tl.load(labels_ptr + offs, mask=in_bounds, other=0).to(tl.float32)
+    keep = (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0) & in_bounds
+
+    # log(1 + e) with e = exp(-|x|) <= 1: never overflows; when e < 2^-24 the rounding of 1 + e costs at
+    # most 6e-8 absolute, far below the loss' own fp32 resolution.
+    loss = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    loss = tl.where(keep, loss, 0.0)
+    grad = tl.where(keep, tl.sigmoid(x) - y, 0.0)
+    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(loss_partial_ptr + pid, tl.sum(loss, axis=0))
+
+    predicted = x > 0.0
+    replaced = y > 0.5
+    tp = tl.sum((keep & predicted & replaced).to(tl.int32), axis=0)
+    fp = tl.sum((keep & predicted & ~replaced).to(tl.int32), axis=0)
+    fn = tl.sum((keep & ~predicted & replaced).to(tl.int32), axis=0)
+    tn = tl.sum((keep & ~predicted & ~replaced).to(tl.int32), axis=0)
+    counts_row = counts_partial_ptr + pid * 4
+    tl.store(counts_row + 0, tp)
+    tl.store(counts_row + 1, fp)
+    tl.store(counts_row + 2, fn)
+    tl.store(counts_row + 3, tn)
+
+
+def rtd_loss_forward(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel. Returns (loss fp32 scalar, counts int64 (4,), unscaled gradient (N,))."""
+    logits = logits.contiguous()
+    labels = labels.contiguous()
+    mask = mask.contiguous()
+    if labels.dtype == torch.bool:
+        labels = labels.view(torch.uint8)
+    n_elements = logits.numel()
+    num_blocks = max(1, triton.cdiv(n_elements, RTD_BLOCK))
+    grad = torch.empty_like(logits)  # (N,)
+    loss_partial = torch.empty(num_blocks, dtype=torch.float32, device=logits.device)
+    counts_partial = torch.empty(num_blocks, 4, dtype=torch.int32, device=logits.device)
+    _rtd_loss_fwd_kernel[(num_blocks,)](
+        logits,
+        labels,
+        mask.view(torch.uint8),
+        grad,
+        loss_partial,
+        counts_partial,
+        n_elements,
+        BLOCK=RTD_BLOCK,
+        num_warps=RTD_NUM_WARPS,
+    )
+    counts = counts_partial.sum(dim=0, dtype=torch.int64)  # (4,) [tp, fp, fn, tn]
+    loss = loss_partial.sum() / counts.sum().clamp(min=1)
+    return loss, counts, grad
+
+
+def rtd_loss_backward(grad: torch.Tensor, counts: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits = stored (sigmoid(x) - y) * mask, rescaled by grad_output / n (n = mask count)."""
+    scale = grad_output.float() / counts.sum().clamp(min=1)  # 0-d fp32; no host sync
+    # Out of place, so a second backward (retain_graph=True) still sees the unscaled gradient.
+    return grad * scale
+
+
+class RTDLossFunction(torch.autograd.Function):
+    """Autograd wrapper: forward runs the fused kernel, backward is a rescale of the stored gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, mask):
+        loss, counts, grad = rtd_loss_forward(logits, labels, mask)
+        ctx.save_for_backward(grad, counts)
+        ctx.mark_non_differentiable(counts)
+        return loss, counts
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_counts):
+        grad, counts = ctx.saved_tensors
+        return rtd_loss_backward(grad, counts, grad_loss), None, None
+
+
+def rtd_loss_reference(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The math in PyTorch: masked-mean sigmoid BCE (fp32, differentiable) and [tp, fp, fn, tn] (int64)."""
+    _check_inputs(logits, labels, mask)
+    keep = mask.bool()
+    per_token = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")  # (N,)
+    n = keep.sum().clamp(min=1)
+    loss = (per_token * keep).sum() / n
+    predicted = logits.detach() > 0
+    replaced = labels != 0
+    counts = torch.stack(
+        [
+            (keep & predicted & replaced).sum(),
+            (keep & predicted & ~replaced).sum(),
+            (keep & ~predicted & replaced).sum(),
+            (keep & ~predicted & ~replaced).sum(),
+        ]
+    ).to(torch.int64)
+    return loss, counts
+
+
+def rtd_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *, use_triton: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-mean sigmoid RTD loss and confusion counts.
+
+    logits (N,) any float dtype; labels (N,) {0, 1} (1 = replaced); mask (N,) bool (True = real token).
+    Returns loss (fp32 scalar, differentiable w.r.t. logits) and counts int64 (4,) = [tp, fp, fn, tn] over
+    the mask, with prediction `logit > 0`. `use_triton=False` runs `rtd_loss_reference`.
+    """
+    if not use_triton:
+        return rtd_loss_reference(logits, labels, mask)
+    _check_inputs(logits, labels, mask)
+    check_triton_device(logits, "rtd_loss")
+    return RTDLossFunction.apply(logits, labels, mask)
+
+
+def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+    if logits.dim() != 1 or labels.shape != logits.shape or mask.shape != logits.shape:
+        raise ValueError(
+            f"rtd_loss: logits, labels and mask must all be 1-D of the same length, got "
+            f"{tuple(logits.shape)}, {tuple(labels.shape)}, {tuple(mask.shape)}; flatten (B, T) with "
+            ".view(-1)"
+        )
+    if not logits.is_floating_point():
+        raise ValueError(f"rtd_loss: logits must be a float tensor, got {logits.dtype}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"rtd_loss: mask must be a bool tensor, got {mask.dtype}; use attention_mask.bool()")
