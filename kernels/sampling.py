@@ -36,8 +36,8 @@ SAMPLING_NUM_WARPS = 8
 
 # u is clamped into [U_MIN, U_MAX] before -log(-log(u)). tl.rand can return exactly 0 (log(0) = -inf);
 # its largest value is 1 - 2^-24, where -log(u) = 6e-8 is still a normal fp32 number.
-U_MIN = 1.0e-20
-U_MAX = 1.0 - 2.0**-24
+U_MIN = tl.constexpr(1.0e-20)
+U_MAX = tl.constexpr(1.0 - 2.0**-24)
 
 # Philox-4x32 constants and the uint -> float scale of triton/language/random.py (triton 3.x).
 _PHILOX_KEY_A = 0x9E3779B9
@@ -261,7 +261,7 @@ def gumbel_max_sample_reference(logits: torch.Tensor, *, seed: int, temperature:
     for start in range(0, rows, chunk_rows):
         row_ids = torch.arange(start, min(start + chunk_rows, rows), device=logits.device)  # (R,)
         u = philox_uniform(seed, row_ids[:, None] * vocab_size + cols[None, :])  # (R, V)
-        gumbel = -torch.log(-torch.log(u.clamp(min=U_MIN, max=U_MAX)))
+        gumbel = -torch.log(-torch.log(u.clamp(min=U_MIN.value, max=U_MAX.value)))
         scores = logits[start : start + len(row_ids)].float() * inv_temperature + gumbel
         samples.append(scores.argmax(dim=-1))
     return torch.cat(samples) if samples else torch.empty(0, dtype=torch.int64, device=logits.device)
