@@ -1,0 +1,370 @@
+"""ElectraPretrainingModel: generator (masked LM) + discriminator (replaced-token detection) in one nn.Module.
+
+Follows google-research/electra `run_pretraining.py` (`PretrainingModel`):
+  1. mask the input (`alectra.masking`, the reference's `pretrain_helpers.mask`);
+  2. run the generator encoder on the whole masked sequence, then its MLM head and the vocabulary
+     projection only at the masked positions (the reference gathers `masked_lm_positions` before the
+     output layer; a plain HF `*ForMaskedLM` would project all B*T positions);
+  3. Gumbel-max sample replacements from the generator (no gradient), put them into the discriminator input
+     and label a position "replaced" only where the sample differs from the original;
+  4. loss = generator CE (mean over masked) + disc_weight * sigmoid RTD loss (mean over real tokens).
+
+Weight tying is real (the reference's `tie_embeddings` reuses the "electra/embeddings" variable scope): word,
+position and token-type embeddings and the embedding LayerNorm are ONE module held by both networks, and the
+generator's output layer multiplies by that word-embedding matrix plus its own bias. Each network keeps its
+own embedding->hidden projection (ELECTRA `embeddings_project`, ALBERT `embedding_hidden_mapping_in`).
+
+Shape legend: B batch, T sequence length, M masked positions in the batch, V vocabulary, H hidden width.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForTokenClassification, PretrainedConfig
+
+from alectra.masking import derive_seed, mask_tokens
+from alectra.presets import ModelConfig
+from kernels.rtd_loss import rtd_loss
+from kernels.sampling import sample_and_cross_entropy
+
+METRIC_KEYS = (
+    "gen_correct",
+    "gen_total",
+    "disc_correct",
+    "disc_total",
+    "replaced_tp",
+    "replaced_fp",
+    "replaced_fn",
+    "replaced_total",
+)
+REQUIRED_SPECIAL_TOKENS = ("cls", "sep", "pad", "mask")
+
+
+@dataclass(kw_only=True)
+class ElectraOutput:
+    """What one forward pass returns."""
+
+    loss: torch.Tensor
+    """Scalar fp32, differentiable: gen_loss + disc_weight * disc_loss."""
+    gen_loss: torch.Tensor
+    """Scalar fp32, detached: generator cross-entropy, mean over masked positions."""
+    disc_loss: torch.Tensor
+    """Scalar fp32, detached: sigmoid RTD loss, mean over real (non-padding) tokens."""
+    metrics: dict[str, torch.Tensor]
+    """Detached int64 sums/counts (METRIC_KEYS) that add up across ranks and micro-batches."""
+
+
+def finalize_metrics(summed: dict) -> dict[str, float]:
+    """Turn summed counts into gen/disc accuracy, precision/recall on replaced tokens, replaced fraction."""
+    value = {k: float(summed[k]) for k in METRIC_KEYS}
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den > 0 else float("nan")
+
+    tp, fp, fn = value["replaced_tp"], value["replaced_fp"], value["replaced_fn"]
+    return {
+        "gen_accuracy": ratio(value["gen_correct"], value["gen_total"]),
+        "disc_accuracy": ratio(value["disc_correct"], value["disc_total"]),
+        "replaced_precision": ratio(tp, tp + fp),
+        "replaced_recall": ratio(tp, tp + fn),
+        "replaced_fraction": ratio(value["replaced_total"], value["disc_total"]),
+    }
+
+
+def build_hf_configs(config: ModelConfig, vocab_size: int) -> tuple[PretrainedConfig, PretrainedConfig]:
+    """HF configs for `config`: generator (`*ForMaskedLM`), discriminator (`*ForTokenClassification`)."""
+
+    def make(prefix: str, **extra) -> PretrainedConfig:
+        arch = getattr(config, f"{prefix}_arch")
+        kwargs = dict(
+            vocab_size=vocab_size,
+            hidden_size=getattr(config, f"{prefix}_hidden_size"),
+            num_hidden_layers=getattr(config, f"{prefix}_num_layers"),
+            num_attention_heads=getattr(config, f"{prefix}_num_heads"),
+            intermediate_size=getattr(config, f"{prefix}_intermediate_size"),
+            max_position_embeddings=config.max_position_embeddings,
+            type_vocab_size=config.type_vocab_size,
+            hidden_act=config.hidden_act,
+            hidden_dropout_prob=config.hidden_dropout_prob,
+            attention_probs_dropout_prob=config.attention_dropout_prob,
+            initializer_range=config.initializer_range,
+            **extra,
+        )
+        if arch != "bert":
+            kwargs["embedding_size"] = config.embedding_size
+        if arch == "albert":
+            kwargs["num_hidden_groups"] = getattr(config, f"{prefix}_num_hidden_groups")
+            kwargs["inner_group_num"] = 1
+            kwargs["classifier_dropout_prob"] = config.hidden_dropout_prob
+        try:
+            return AutoConfig.for_model(arch, **kwargs)
+        except ValueError as err:
+            raise ValueError(
+                f"ModelConfig.{prefix}_arch={arch!r} is not a Hugging Face model type: {err}"
+            ) from None
+
+    generator = make("generator")
+    discriminator = make("discriminator", num_labels=1, id2label={0: "replaced"}, label2id={"replaced": 0})
+    return generator, discriminator
+
+
+def embedding_size_of(hf_config: PretrainedConfig) -> int:
+    """Width of a network's word embeddings (BERT-like models have no separate embedding_size)."""
+    return getattr(hf_config, "embedding_size", None) or hf_config.hidden_size
+
+
+def check_compatible(generator: PretrainedConfig, discriminator: PretrainedConfig) -> None:
+    """Raise one clear ValueError when the two networks cannot share one embedding module."""
+    fields = {
+        "vocab_size": lambda c: c.vocab_size,
+        "embedding size": embedding_size_of,
+        "max_position_embeddings": lambda c: c.max_position_embeddings,
+        "type_vocab_size": lambda c: c.type_vocab_size,
+    }
+    for name, get in fields.items():
+        g, d = get(generator), get(discriminator)
+        if g != d:
+            raise ValueError(
+                f"generator ({generator.model_type}) and discriminator ({discriminator.model_type}) cannot "
+                f"share embeddings: {name} differs ({g} vs {d}); make them equal"
+            )
+
+
+def mlm_head(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The generator's MLM head as a function (M, H) -> (M, V), applied to gathered masked positions only."""
+    if hasattr(generator, "generator_predictions"):  # ElectraForMaskedLM
+        return lambda h: generator.generator_lm_head(generator.generator_predictions(h))
+    for name in ("cls", "predictions", "lm_head"):  # BERT, ALBERT, RoBERTa-style
+        if isinstance(getattr(generator, name, None), nn.Module):
+            return getattr(generator, name)
+    raise ValueError(
+        f"{type(generator).__name__}: unknown MLM head layout; supported: BERT, ELECTRA, ALBERT, RoBERTa"
+    )
+
+
+def _pick_shared_embeddings(generator: nn.Module, discriminator: nn.Module) -> nn.Module:
+    """The embedding module both networks can call: BertModel/ElectraModel pass `cache_length` to it,
+    AlbertModel does not, so a mixed pair must share the module whose forward accepts both call styles."""
+    disc_emb = discriminator.base_model.embeddings
+    gen_emb = generator.base_model.embeddings
+    disc_args = set(inspect.signature(disc_emb.forward).parameters)
+    gen_args = set(inspect.signature(gen_emb.forward).parameters)
+    return disc_emb if gen_args <= disc_args else gen_emb
+
+
+class ElectraPretrainingModel(nn.Module):
+    """Generator + discriminator with tied embeddings; forward returns the ELECTRA loss and metric counts."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        vocab_size: int,
+        special_token_ids: dict,
+        hf_configs: tuple[PretrainedConfig, PretrainedConfig] | None = None,
+    ) -> None:
+        """hf_configs: optional (generator, discriminator) HF configs replacing the ones built from `config`
+        (any `*ForMaskedLM` / `*ForTokenClassification` pair with compatible embeddings)."""
+        super().__init__()
+        missing = [k for k in REQUIRED_SPECIAL_TOKENS if k not in special_token_ids]
+        if missing:
+            raise ValueError(
+                f"special_token_ids lacks {missing}; pass the tokenizer's ids (manifest special_tokens)"
+            )
+        bad = {k: v for k, v in special_token_ids.items() if not 0 <= int(v) < vocab_size}
+        if bad:
+            raise ValueError(f"special token ids {bad} are outside the vocabulary of size {vocab_size}")
+        self.config = config
+        self.vocab_size = vocab_size
+        self.special_token_ids = {k: int(v) for k, v in special_token_ids.items()}
+        gen_config, disc_config = (
+            hf_configs if hf_configs is not None else build_hf_configs(config, vocab_size)
+        )
+        if disc_config.num_labels != 1:
+            raise ValueError(f"the discriminator config must have num_labels=1, got {disc_config.num_labels}")
+        if gen_config.vocab_size != vocab_size:
+            raise ValueError(
+                f"generator vocab_size {gen_config.vocab_size} != tokenizer vocab_size {vocab_size}"
+            )
+        check_compatible(gen_config, disc_config)
+
+        self.generator = AutoModelForMaskedLM.from_config(gen_config)
+        self.discriminator = AutoModelForTokenClassification.from_config(disc_config)
+        self._tie_embeddings()
+        self._mlm_head = mlm_head(self.generator)
+
+    def _tie_embeddings(self) -> None:
+        shared = _pick_shared_embeddings(self.generator, self.discriminator)
+        self.generator.base_model.embeddings = shared
+        self.discriminator.base_model.embeddings = shared
+        # Generator output layer = shared word-embedding matrix + its own bias (reference `get_token_logits`).
+        self.generator.get_output_embeddings().weight = shared.word_embeddings.weight
+
+    @property
+    def shared_embeddings(self) -> nn.Module:
+        """The embedding module (word, position, token type, LayerNorm) both networks hold."""
+        return self.discriminator.base_model.embeddings
+
+    def _use_triton(self, device: torch.device) -> bool:
+        if self.config.kernels == "auto":
+            return device.type == "cuda"
+        return self.config.kernels == "triton"
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        *,
+        seed: int,
+    ) -> ElectraOutput:
+        """One ELECTRA step on int64 (B, T) inputs; masking and sampling are deterministic in `seed`."""
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        use_triton = self._use_triton(input_ids.device)
+        masked = mask_tokens(
+            input_ids,
+            attention_mask,
+            seed=derive_seed(seed, 0),
+            special_token_ids=self.special_token_ids,
+            mask_prob=self.config.mask_prob,
+            mask_token_prob=self.config.mask_token_prob,
+            max_predictions=self.config.max_predictions_for(T),
+        )
+
+        gen_hidden = self.generator.base_model(
+            input_ids=masked.input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # (B, T, Hg)
+        positions = masked.masked.view(-1).nonzero().squeeze(1)  # (M,) flat indices into B*T
+        gen_logits = self._mlm_head(gen_hidden.reshape(B * T, -1).index_select(0, positions))  # (M, V)
+        targets = input_ids.reshape(-1).index_select(0, positions)  # (M,)
+
+        disc_input_ids = input_ids.reshape(-1).clone()  # (B*T,) samples scattered in below
+        replaced = torch.zeros(B * T, dtype=torch.int64, device=input_ids.device)  # (B*T,)
+        gen_loss, _, gen_correct = sample_and_cross_entropy(
+            gen_logits,
+            targets,
+            seed=derive_seed(seed, 1),
+            temperature=self.config.temperature,
+            positions=positions,
+            disc_input_ids=disc_input_ids,
+            replaced_labels=replaced,
+            use_triton=use_triton,
+        )
+
+        disc_logits = self.discriminator(
+            input_ids=disc_input_ids.view(B, T), attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).logits  # (B, T, 1)
+        disc_loss, counts = rtd_loss(
+            disc_logits.view(-1), replaced, attention_mask.reshape(-1).bool(), use_triton=use_triton
+        )
+        tp, fp, fn, tn = counts.unbind()
+        metrics = {
+            "gen_correct": torch.as_tensor(gen_correct, device=counts.device).to(torch.int64).detach(),
+            "gen_total": torch.tensor(positions.numel(), dtype=torch.int64, device=counts.device),
+            "disc_correct": tp + tn,
+            "disc_total": counts.sum(),
+            "replaced_tp": tp,
+            "replaced_fp": fp,
+            "replaced_fn": fn,
+            "replaced_total": tp + fn,
+        }
+        loss = gen_loss.float() + self.config.disc_weight * disc_loss.float()
+        return ElectraOutput(
+            loss=loss,
+            gen_loss=gen_loss.detach().float(),
+            disc_loss=disc_loss.detach().float(),
+            metrics=metrics,
+        )
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Unique parameters by part: shared embeddings, generator-only, discriminator-only, and the
+        discriminator as released (its own parameters + the shared embeddings), the figure papers quote."""
+        shared = {id(p) for p in self.shared_embeddings.parameters()}
+        gen = {id(p): p.numel() for p in self.generator.parameters() if id(p) not in shared}
+        disc = {id(p): p.numel() for p in self.discriminator.parameters() if id(p) not in shared}
+        shared_n = sum(p.numel() for p in self.shared_embeddings.parameters())
+        return {
+            "total": sum(p.numel() for p in self.parameters()),
+            "shared_embeddings": shared_n,
+            "generator_only": sum(gen.values()),
+            "discriminator_only": sum(disc.values()),
+            "discriminator": sum(disc.values()) + shared_n,
+        }
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward = 3 x forward) per input token, generator + discriminator.
+
+        Per network with L layers, hidden H, FFN F, embedding E (Kaplan et al. 2020 style, 2 FLOPs per MAC):
+          forward = 2 * [L * (4 H^2 + 2 H F) + E H (projection, if E != H)]   dense matmuls
+                  + 2 * 2 * L * T * H                                         attention scores and values
+        The generator adds its MLM head (H E + E V) only on the masked fraction of tokens,
+        min(mask_prob, max_predictions / T); the discriminator adds its 1-logit classifier (H).
+        Embedding lookups, LayerNorm and softmax are ignored. ALBERT counts every layer application.
+        """
+        mask_fraction = min(self.config.mask_prob, self.config.max_predictions_for(seq_len) / seq_len)
+        total = 0.0
+        for network, head in (
+            (
+                self.generator,
+                lambda c: (
+                    mask_fraction
+                    * (c.hidden_size * embedding_size_of(c) + embedding_size_of(c) * c.vocab_size)
+                ),
+            ),
+            (self.discriminator, lambda c: c.hidden_size),
+        ):
+            c = network.config
+            H, F, L, E = c.hidden_size, c.intermediate_size, c.num_hidden_layers, embedding_size_of(c)
+            dense = L * (4 * H * H + 2 * H * F) + (E * H if E != H else 0) + head(c)
+            total += 2 * dense + 4 * L * seq_len * H
+        return 3.0 * total
+
+    def save_pretrained_parts(self, out_dir: str | os.PathLike) -> None:
+        """Write `out_dir/discriminator/` (token classification) and `out_dir/generator/` (masked LM) as
+        safetensors folders, each with its own full copy of the shared embeddings; each folder is written
+        under a temporary name and renamed when complete."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("discriminator", "generator"):
+            # deepcopy of one network copies the shared module into a private one; the generator keeps
+            # its output layer tied to its (copied) word embeddings, which HF re-ties on load.
+            network = copy.deepcopy(getattr(self, name)).to(torch.float32).cpu()
+            write_dir_atomically(out_dir / name, lambda tmp, net=network: net.save_pretrained(tmp))
+
+
+def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp_dir)` then rename tmp_dir to `target`, replacing an existing folder."""
+    target = Path(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    """JSON-ready dict of a ModelConfig (inverse: ModelConfig(**d))."""
+    return dataclasses.asdict(config)

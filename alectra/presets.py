@@ -1,0 +1,163 @@
+"""Model configuration: one typed dataclass and the named presets.
+
+Sizes follow the ELECTRA paper (Clark et al., 2020, Table 6 / Appendix A) and google-research/electra
+`configure_pretraining.py`: the generator keeps the discriminator's depth and embedding size but scales
+width, FFN and heads by `generator_hidden_size` (1/4 for Small and Large, 1/3 for Base). ALECTRA-Small is
+ELECTRA-Small with an ALBERT discriminator whose 12 layers share one parameter group.
+
+Override fields with `dataclasses.replace(get_preset("electra-small"), mask_prob=0.2)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Generator + discriminator architecture and the ELECTRA objective's hyper-parameters."""
+
+    generator_arch: str = "electra"
+    """HF `model_type` of the generator, built with `AutoModelForMaskedLM` ("bert", "electra", "albert")."""
+    discriminator_arch: str = "electra"
+    """HF `model_type` of the discriminator, built with `AutoModelForTokenClassification`, one logit."""
+    embedding_size: int = 128
+    """Width of the shared embeddings (word, position, token type). A BERT network has no embedding->hidden
+    projection, so a BERT generator/discriminator needs hidden_size == embedding_size."""
+    max_position_embeddings: int = 512
+    """Rows of the shared position-embedding table (longest sequence the model accepts)."""
+    type_vocab_size: int = 2
+    """Rows of the shared token-type (segment) embedding table."""
+    generator_hidden_size: int = 64
+    """Generator hidden width."""
+    generator_num_layers: int = 12
+    """Generator transformer layers."""
+    generator_num_heads: int = 1
+    """Generator attention heads (must divide generator_hidden_size)."""
+    generator_intermediate_size: int = 256
+    """Generator feed-forward width."""
+    generator_num_hidden_groups: int = 1
+    """ALBERT generator only: number of distinct parameter groups the layers cycle through."""
+    discriminator_hidden_size: int = 256
+    """Discriminator hidden width."""
+    discriminator_num_layers: int = 12
+    """Discriminator transformer layers."""
+    discriminator_num_heads: int = 4
+    """Discriminator attention heads (must divide discriminator_hidden_size)."""
+    discriminator_intermediate_size: int = 1024
+    """Discriminator feed-forward width."""
+    discriminator_num_hidden_groups: int = 1
+    """ALBERT discriminator only: number of distinct parameter groups (1 = all layers share weights)."""
+    hidden_act: str = "gelu"
+    """Activation of the feed-forward blocks and MLM head (the reference uses exact GELU)."""
+    hidden_dropout_prob: float = 0.1
+    """Dropout on embeddings and hidden states (reference: 0.1)."""
+    attention_dropout_prob: float = 0.1
+    """Dropout on attention probabilities (reference: 0.1)."""
+    initializer_range: float = 0.02
+    """Std of the truncated-normal initialiser (reference: 0.02)."""
+    mask_prob: float = 0.15
+    """Fraction of real tokens masked per sequence (reference `mask_prob`: 0.15; 0.25 for Large)."""
+    mask_token_prob: float = 0.85
+    """Of the masked positions, the fraction replaced by [MASK]; the rest keep the original token."""
+    max_predictions: int | None = None
+    """Masked positions per sequence at most; None = int((mask_prob + 0.005) * seq_len) as the reference."""
+    disc_weight: float = 50.0
+    """Weight of the discriminator's RTD loss in the total loss (reference `disc_weight`: 50)."""
+    temperature: float = 1.0
+    """Temperature of the Gumbel-max sampling from the generator (reference: 1.0)."""
+    kernels: str = "auto"
+    """"auto" = Triton kernels on CUDA, PyTorch references elsewhere; "triton" / "torch" force a path."""
+
+    def __post_init__(self) -> None:
+        positive = [
+            f.name for f in dataclasses.fields(self) if f.type in ("int",) and getattr(self, f.name) < 1
+        ]
+        if positive:
+            raise ValueError(f"ModelConfig.{positive[0]} must be >= 1, got {getattr(self, positive[0])}")
+        for name in ("generator", "discriminator"):
+            hidden = getattr(self, f"{name}_hidden_size")
+            heads = getattr(self, f"{name}_num_heads")
+            if hidden % heads:
+                raise ValueError(
+                    f"ModelConfig.{name}_num_heads={heads} must divide {name}_hidden_size={hidden}"
+                )
+            if getattr(self, f"{name}_arch") == "bert" and hidden != self.embedding_size:
+                raise ValueError(
+                    f"ModelConfig.{name}_arch='bert' has no embedding projection: "
+                    f"{name}_hidden_size={hidden} must equal "
+                    f"embedding_size={self.embedding_size} (or use 'electra'/'albert')"
+                )
+        for name in ("mask_prob", "mask_token_prob", "hidden_dropout_prob", "attention_dropout_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1], got {value}")
+        if not 0.0 < self.mask_prob:
+            raise ValueError(f"ModelConfig.mask_prob must be > 0, got {self.mask_prob}")
+        if self.max_predictions is not None and self.max_predictions < 1:
+            raise ValueError(f"ModelConfig.max_predictions must be >= 1 or None, got {self.max_predictions}")
+        if self.disc_weight < 0:
+            raise ValueError(f"ModelConfig.disc_weight must be >= 0, got {self.disc_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"ModelConfig.temperature must be > 0, got {self.temperature}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"ModelConfig.kernels must be one of {KERNEL_CHOICES}, got {self.kernels!r}")
+
+    def max_predictions_for(self, seq_len: int) -> int:
+        """Masked positions per sequence at most: the reference's int((mask_prob + 0.005) * seq_len)."""
+        if self.max_predictions is not None:
+            return self.max_predictions
+        return max(1, int((self.mask_prob + 0.005) * seq_len))
+
+
+def _electra_pair(*, hidden: int, embedding: int, layers: int, heads: int, ffn: int, gen_fraction: float):
+    """Discriminator sizes plus the generator scaled by `gen_fraction` (reference `get_generator_config`)."""
+    return dict(
+        embedding_size=embedding,
+        discriminator_hidden_size=hidden,
+        discriminator_num_layers=layers,
+        discriminator_num_heads=heads,
+        discriminator_intermediate_size=ffn,
+        generator_hidden_size=int(round(hidden * gen_fraction)),
+        generator_num_layers=layers,
+        generator_num_heads=max(1, int(round(heads * gen_fraction))),
+        generator_intermediate_size=int(round(ffn * gen_fraction)),
+    )
+
+
+_SMALL = _electra_pair(hidden=256, embedding=128, layers=12, heads=4, ffn=1024, gen_fraction=0.25)
+
+PRESETS: dict[str, dict] = {
+    # Seconds per step on one CPU core at vocab ~8k; for tests and the CPU demo, not for quality.
+    "tiny": dict(
+        embedding_size=32,
+        max_position_embeddings=128,
+        discriminator_hidden_size=64,
+        discriminator_num_layers=2,
+        discriminator_num_heads=2,
+        discriminator_intermediate_size=128,
+        generator_hidden_size=32,
+        generator_num_layers=2,
+        generator_num_heads=1,
+        generator_intermediate_size=64,
+    ),
+    "electra-small": _SMALL,
+    "alectra-small": {**_SMALL, "discriminator_arch": "albert", "discriminator_num_hidden_groups": 1},
+    "electra-base": _electra_pair(
+        hidden=768, embedding=768, layers=12, heads=12, ffn=3072, gen_fraction=1 / 3
+    ),
+    "electra-large": {
+        **_electra_pair(hidden=1024, embedding=1024, layers=24, heads=16, ffn=4096, gen_fraction=0.25),
+        "mask_prob": 0.25,
+    },
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """Return a fresh ModelConfig for a named preset (see PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**PRESETS[name])
