@@ -96,7 +96,7 @@ def specialisations() -> list[Specialisation]:
                     "logits_ptr": f"*{dtype}",
                     "labels_ptr": "*i64",
                     "mask_ptr": "*u8",
-                    "grad_ptr": f"*{dtype}",
+                    "grad_ptr": "*fp32",
                     "loss_partial_ptr": "*fp32",
                     "counts_partial_ptr": "*i32",
                     "n_elements": "i32",

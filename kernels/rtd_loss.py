@@ -46,7 +46,7 @@ def _rtd_loss_fwd_kernel(
 
     logits_ptr: (N,) any float dtype, contiguous.  labels_ptr: (N,) {0, 1}, any numeric dtype.
     mask_ptr: (N,) uint8 (a bool tensor viewed as uint8); 0 = padding, ignored.
-    grad_ptr: (N,) logits dtype; receives (sigmoid(x) - y) * mask, *not* divided by the mask count.
+    grad_ptr: (N,) fp32; receives (sigmoid(x) - y) * mask, *not* divided by the mask count.
     loss_partial_ptr: (num_blocks,) fp32; receives this block's sum of masked losses.
     counts_partial_ptr: (num_blocks, 4) int32 row-major; receives [tp, fp, fn, tn] of this block.
     n_elements: N.  BLOCK: tokens per program (power of two).
@@ -63,7 +63,7 @@ def _rtd_loss_fwd_kernel(
     loss = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + tl.exp(-tl.abs(x)))
     loss = tl.where(keep, loss, 0.0)
     grad = tl.where(keep, tl.sigmoid(x) - y, 0.0)
-    tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(grad_ptr + offs, grad, mask=in_bounds)
     tl.store(loss_partial_ptr + pid, tl.sum(loss, axis=0))
 
     predicted = x > 0.0
@@ -82,7 +82,7 @@ def _rtd_loss_fwd_kernel(
 def rtd_loss_forward(
     logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel. Returns (loss fp32 scalar, counts int64 (4,), unscaled gradient (N,))."""
+    """Launch the fused kernel. Returns (loss fp32 scalar, counts int64 (4,), unscaled fp32 gradient (N,))."""
     logits = logits.contiguous()
     labels = labels.contiguous()
     mask = mask.contiguous()
@@ -90,7 +90,9 @@ def rtd_loss_forward(
         labels = labels.view(torch.uint8)
     n_elements = logits.numel()
     num_blocks = max(1, triton.cdiv(n_elements, RTD_BLOCK))
-    grad = torch.empty_like(logits)  # (N,)
+    # fp32 even for bf16/fp16 logits: backward then rounds once, after the rescale (4 bytes per token, tiny
+    # next to the discriminator's activations).
+    grad = torch.empty(n_elements, dtype=torch.float32, device=logits.device)  # (N,)
     loss_partial = torch.empty(num_blocks, dtype=torch.float32, device=logits.device)
     counts_partial = torch.empty(num_blocks, 4, dtype=torch.int32, device=logits.device)
     _rtd_loss_fwd_kernel[(num_blocks,)](
@@ -109,11 +111,13 @@ def rtd_loss_forward(
     return loss, counts, grad
 
 
-def rtd_loss_backward(grad: torch.Tensor, counts: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+def rtd_loss_backward(
+    grad: torch.Tensor, counts: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """d loss / d logits = stored (sigmoid(x) - y) * mask, rescaled by grad_output / n (n = mask count)."""
     scale = grad_output.float() / counts.sum().clamp(min=1)  # 0-d fp32; no host sync
     # Out of place, so a second backward (retain_graph=True) still sees the unscaled gradient.
-    return grad * scale
+    return (grad * scale).to(dtype)
 
 
 class RTDLossFunction(torch.autograd.Function):
@@ -124,12 +128,13 @@ class RTDLossFunction(torch.autograd.Function):
         loss, counts, grad = rtd_loss_forward(logits, labels, mask)
         ctx.save_for_backward(grad, counts)
         ctx.mark_non_differentiable(counts)
+        ctx.logits_dtype = logits.dtype
         return loss, counts
 
     @staticmethod
     def backward(ctx, grad_loss, grad_counts):
         grad, counts = ctx.saved_tensors
-        return rtd_loss_backward(grad, counts, grad_loss), None, None
+        return rtd_loss_backward(grad, counts, grad_loss, ctx.logits_dtype), None, None
 
 
 def rtd_loss_reference(
