@@ -1,0 +1,154 @@
+"""ELECTRA pretraining examples from indexed sentence shards (google-research/electra's recipe).
+
+``build_pretraining_dataset.py``'s ``ExampleBuilder`` reads a document's sentences, accumulates them until
+the running length reaches the target length (``max_seq_length``, or with probability 5% a random length in
+``[5, max_seq_length]`` drawn after each example), then splits them into segment A (target
+``(target - 3) // 2`` tokens, or unlimited with probability 10% so the example is one segment) and B; a
+sentence that would push A past its target still joins A with probability 1/2 while B is empty. A is then
+truncated to ``max - 2`` tokens and B to ``max - len(A) - 3`` -- long sentences are truncated, never dropped.
+A document's leftovers form a final, shorter example; examples never cross documents.
+
+One deliberate difference: the reference may put a short sentence back into A after B has started, which
+reorders the text; here, once a sentence goes to B all later ones do, so A and B stay in document order.
+
+The *plan* (which sequences form example j and where B starts) depends only on (seed, data) and is
+computed once, saved as ``.npy`` next to the data and memory-mapped; ``example(j)`` is a pure function of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from alectra.data.indexed import IndexedDataset
+
+PLAN_VERSION = 1  # bump when the planning rules change, so cached plans are rebuilt
+SHORT_TARGET_PROB = 0.05  # build_pretraining_dataset.py: `random.random() < 0.05`
+SINGLE_SEGMENT_PROB = 0.1  # build_pretraining_dataset.py: `random.random() < 0.1`
+MIN_TARGET_LENGTH = 5  # `random.randint(5, self._max_length)`
+
+
+def plan_shard(
+    lengths: np.ndarray, doc_idx: np.ndarray, max_seq_length: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Plan the examples of one shard: ``(E, 3)`` int64 rows ``[start, split, end)`` of sequence indices.
+
+    Sequences ``[start, split)`` are segment A and ``[split, end)`` segment B (``split == end``: one segment).
+    """
+    n = len(lengths)
+    # Pre-drawn uniforms: at most one example per sequence, one coin per sequence.
+    u_single = rng.random(n + 1).tolist()
+    u_short = rng.random(n + 1).tolist()
+    short_len = rng.integers(MIN_TARGET_LENGTH, max_seq_length + 1, size=n + 1).tolist()
+    u_coin = rng.random(n).tolist()
+    lens = lengths.tolist()
+    docs = doc_idx.tolist()
+    rows: list[tuple[int, int, int]] = []
+    target = max_seq_length
+    e = 0
+
+    def emit(start: int, end: int) -> None:
+        nonlocal target, e
+        first_target = 100000 if u_single[e] < SINGLE_SEGMENT_PROB else (target - 3) // 2
+        first = 0
+        split = end
+        for s in range(start, end):
+            ln = lens[s]
+            if first == 0 or first + ln < first_target or (first < first_target and u_coin[s] < 0.5):
+                first += ln
+            else:
+                split = s
+                break
+        rows.append((start, split, end))
+        target = short_len[e] if u_short[e] < SHORT_TARGET_PROB else max_seq_length
+        e += 1
+
+    for d in range(len(docs) - 1):
+        start, stop = docs[d], docs[d + 1]
+        acc = 0
+        for s in range(start, stop):
+            acc += lens[s]
+            if acc >= target:
+                emit(start, s + 1)
+                start, acc = s + 1, 0
+        if start < stop:
+            emit(start, stop)
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def _plan_key(shard_ids: list[str], max_seq_length: int, seed: int) -> str:
+    blob = json.dumps({"v": PLAN_VERSION, "shards": shard_ids, "len": max_seq_length, "seed": seed})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_or_build_plan(
+    shards: list[IndexedDataset], shard_ids: list[str], cache_dir: Path, *, max_seq_length: int, seed: int
+) -> np.ndarray:
+    """``(E, 4)`` int64 rows ``[shard, start, split, end]``, cached in ``cache_dir`` and memory-mapped.
+
+    Each shard is planned with its own generator seeded by ``(seed, shard number)``.
+    """
+    path = (
+        Path(cache_dir) / f"plan_{_plan_key(shard_ids, max_seq_length, seed)}_L{max_seq_length}_s{seed}.npy"
+    )
+    if path.is_file():
+        return np.load(path, mmap_mode="r")
+    parts = []
+    for k, ds in enumerate(shards):
+        rows = plan_shard(
+            np.asarray(ds.lengths), np.asarray(ds.doc_idx), max_seq_length, np.random.default_rng([seed, k])
+        )
+        parts.append(np.concatenate([np.full((len(rows), 1), k, dtype=np.int64), rows], axis=1))
+    plan = np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.save(f, plan)
+        os.replace(tmp, path)
+    except OSError:
+        return plan  # read-only data folder: keep the plan in memory
+    return np.load(path, mmap_mode="r")
+
+
+class ExampleBuilder:
+    """Turns plan rows into padded ``[CLS] A [SEP] B [SEP]`` arrays of length ``max_seq_length``."""
+
+    def __init__(
+        self, shards: list[IndexedDataset], *, max_seq_length: int, special_tokens: dict[str, int]
+    ) -> None:
+        if max_seq_length < 8:
+            raise ValueError(f"max_seq_length={max_seq_length}: must be at least 8")
+        self.shards = shards
+        self.max_len = max_seq_length
+        self.cls, self.sep, self.pad = special_tokens["cls"], special_tokens["sep"], special_tokens["pad"]
+
+    def build(self, shard: int, start: int, split: int, end: int) -> dict[str, np.ndarray]:
+        ds = self.shards[shard]
+        tokens = ds.span(start, end)
+        a_len = (
+            (int(ds.pointers[split]) - int(ds.pointers[start])) // ds.dtype.itemsize
+            if split < end
+            else len(tokens)
+        )
+        L = self.max_len
+        la = min(a_len, L - 2)
+        lb = min(len(tokens) - a_len, max(0, L - la - 3))
+        input_ids = np.full(L, self.pad, dtype=np.int64)  # (L,)
+        token_type_ids = np.zeros(L, dtype=np.int64)  # (L,)
+        attention_mask = np.zeros(L, dtype=np.int64)  # (L,)
+        input_ids[0] = self.cls
+        input_ids[1 : 1 + la] = tokens[:la]
+        input_ids[1 + la] = self.sep
+        n = 2 + la
+        if lb > 0:
+            input_ids[n : n + lb] = tokens[a_len : a_len + lb]
+            input_ids[n + lb] = self.sep
+            token_type_ids[n : n + lb + 1] = 1
+            n += lb + 1
+        attention_mask[:n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
