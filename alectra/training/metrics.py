@@ -1,0 +1,150 @@
+"""Training metrics: summed on device without syncs, reduced across ranks every `logging.every` steps, then
+shown on rank 0's console (tqdm bar with ETA + one line per report) and written to DeepSpeed's monitor
+(TensorBoard / CSV / W&B, whichever the resolved JSON enables).
+
+Throughput counts every position of a (B, T) batch (padding included), the unit `flops_per_token` uses; MFU
+is achieved FLOP/s over the accelerator's dense peak for the run's precision (no sparsity).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Any
+
+import torch
+import torch.distributed
+from tqdm import tqdm
+
+from alectra.model import METRIC_KEYS, ElectraOutput, finalize_metrics
+
+# Dense peak TFLOP/s per GPU from NVIDIA's data sheets (SXM parts; bf16 = fp16 tensor cores, fp32 = TF32).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
+}
+_LOSSES = ("loss", "gen_loss", "disc_loss")
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Peak dense TFLOP/s of a GPU named like torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3"), or None."""
+    for key, table in PEAK_TFLOPS.items():
+        if key in device_name.upper():
+            return table[precision]
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak RSS on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class MetricSums:
+    """Per-rank device sums of losses and counts over micro-batches; `reduce()` is the only sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.keys = (*_LOSSES, "micro_batches", *METRIC_KEYS)
+        self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
+
+    def add(self, out: ElectraOutput) -> None:
+        """Accumulate one micro-batch's outputs (no host sync)."""
+        values = [out.loss.detach(), out.gen_loss, out.disc_loss, torch.ones((), device=self.device)]
+        values += [out.metrics[k] for k in METRIC_KEYS]
+        self.sums += torch.stack([v.to(self.device, torch.float64) for v in values])
+
+    def reduce(self) -> dict[str, float]:
+        """Sum over ranks, reset, and return mean losses plus finalize_metrics' ratios."""
+        sums = self.sums.clone()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        self.sums.zero_()
+        summed = dict(zip(self.keys, sums.tolist(), strict=True))
+        count = max(summed["micro_batches"], 1.0)
+        result = {k: summed[k] / count for k in _LOSSES}
+        result.update(finalize_metrics(summed))
+        return result
+
+
+class MetricsReporter:
+    """Timing windows, throughput/MFU and the sinks; only rank 0 prints and writes."""
+
+    def __init__(
+        self,
+        *,
+        engine: Any,
+        is_rank0: bool,
+        total_steps: int,
+        start_step: int,
+        tokens_per_step: int,
+        samples_per_step: int,
+        flops_per_token: float,
+        precision: str,
+        progress_bar: bool,
+    ) -> None:
+        self.engine = engine
+        self.is_rank0 = is_rank0
+        self.tokens_per_step = tokens_per_step
+        self.samples_per_step = samples_per_step
+        self.flops_per_token = flops_per_token
+        device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+        self.device = device
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.peak = (
+            peak_tflops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
+        )
+        self.bar = (
+            tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            if is_rank0 and progress_bar
+            else None
+        )
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._data_wait = 0.0
+
+    def step_done(self, data_wait_s: float) -> None:
+        """Count one optimizer step and the seconds it spent waiting for batches."""
+        self._window_steps += 1
+        self._data_wait += data_wait_s
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, values: dict[str, float], *, prefix: str = "train") -> dict[str, float]:
+        """Add window throughput (for "train") and write everything; returns what was written."""
+        values = dict(values)
+        if prefix == "train":
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            tokens_s = self._window_steps * self.tokens_per_step / elapsed
+            values["tokens_per_s"] = tokens_s
+            values["samples_per_s"] = self._window_steps * self.samples_per_step / elapsed
+            values["data_wait_pct"] = 100.0 * self._data_wait / elapsed
+            values["peak_mem_gib"] = peak_memory_gib(self.device)
+            if self.device.type == "cuda":
+                tflops_per_gpu = tokens_s * self.flops_per_token / self.world_size / 1e12
+                values["tflops_per_gpu"] = tflops_per_gpu
+                if self.peak:
+                    values["mfu_pct"] = 100.0 * tflops_per_gpu / self.peak
+            self._window_start, self._window_steps, self._data_wait = time.perf_counter(), 0, 0.0
+        if self.is_rank0:
+            events = [(f"{prefix}/{k}", v, step) for k, v in values.items() if not math.isnan(v)]
+            self.engine.monitor.write_events(events)
+            line = f"{prefix} step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            if self.bar is not None:
+                self.bar.set_postfix(loss=_fmt(values["loss"]), refresh=False)
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+        return values
+
+    def close(self) -> None:
+        """Close the progress bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
