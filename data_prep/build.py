@@ -8,6 +8,7 @@ exists (written after the ``.bin``/``.idx`` renames); a rerun skips complete sha
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import os
 import sys
@@ -97,7 +98,9 @@ def encode_documents(backend, documents: list[str], split_mode: str) -> list[tup
     encodings = backend.encode_batch_fast(sentences, add_special_tokens=False) if sentences else []
     ids = [e.ids for e in encodings]
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum(dtype=np.int64)))
+    flat = np.fromiter(
+        itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum(dtype=np.int64))
+    )
     offsets = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     out = []

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,7 @@ class FileSource(Source):
                     yield from self._jsonl(path)
                 else:
                     yield from self._text(path)
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, zlib.error, _zstd_error()) as e:
                 raise DataPrepError(f"{path}: cannot read ({e}); the file is unreadable or corrupt") from e
 
     def _text(self, path: Path) -> Iterator[str]:
@@ -309,6 +310,12 @@ class HFSource(Source):
                 )
             text = row[self.text_key]
             yield text if isinstance(text, str) else ""
+
+
+def _zstd_error() -> type[Exception]:
+    import zstandard
+
+    return zstandard.ZstdError
 
 
 def _offline() -> bool:

@@ -1,0 +1,260 @@
+"""``python -m data_prep {build,train-tokenizer,inspect,verify,merge}`` (console script ``alectra-data-prep``)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.errors import DataPrepError
+from data_prep.sentences import SPLIT_MODES
+from data_prep.sources import TEXT_MODES, DemoSource, FileSource, HFSource, Source, expand_inputs
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("source (exactly one of --input, --hf-dataset, --demo)")
+    g.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="files, folders or globs (.txt/.jsonl/.json/.parquet[.gz|.zst])",
+    )
+    g.add_argument(
+        "--hf-dataset", metavar="NAME", help="Hugging Face dataset name, builder or save_to_disk folder"
+    )
+    g.add_argument("--hf-config", default=None, help="dataset configuration name")
+    g.add_argument("--hf-split", default="train", help="split to read (default: train)")
+    g.add_argument(
+        "--hf-data-files", nargs="+", default=None, help="data files for builders like parquet/json"
+    )
+    g.add_argument(
+        "--streaming", action="store_true", help="stream the HF dataset instead of downloading it first"
+    )
+    g.add_argument(
+        "--demo", action="store_true", help="the built-in demo corpus (Python's own documentation)"
+    )
+    g.add_argument("--json-key", default="text", help="JSON field / Parquet or dataset column with the text")
+    g.add_argument(
+        "--text-mode", choices=TEXT_MODES, default="blank-lines", help="plain-text document boundaries"
+    )
+    g.add_argument("--max-documents", type=int, default=None, help="read at most this many input documents")
+
+
+def _source(args: argparse.Namespace) -> Source:
+    chosen = [bool(args.input), bool(args.hf_dataset), args.demo]
+    if sum(chosen) != 1:
+        raise DataPrepError("choose exactly one source: --input PATH..., --hf-dataset NAME or --demo")
+    if args.max_documents is not None and args.max_documents < 1:
+        raise DataPrepError(f"--max-documents {args.max_documents}: must be >= 1")
+    if args.demo:
+        return DemoSource(max_documents=args.max_documents)
+    if args.hf_dataset:
+        return HFSource(
+            name=args.hf_dataset,
+            config=args.hf_config,
+            split=args.hf_split,
+            streaming=args.streaming,
+            data_files=args.hf_data_files,
+            text_key=args.json_key,
+            max_documents=args.max_documents,
+        )
+    return FileSource(
+        paths=expand_inputs(args.input),
+        json_key=args.json_key,
+        text_mode=args.text_mode,
+        max_documents=args.max_documents,
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from data_prep.build import BuildConfig, build
+
+    cfg = BuildConfig(
+        output_dir=Path(args.output_dir),
+        tokenizer=args.tokenizer,
+        sentence_split=args.sentence_split,
+        docs_per_shard=args.docs_per_shard,
+        workers=args.workers,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        command=shlex.join(["python", "-m", "data_prep", *args.argv]),
+        progress=not args.no_progress,
+    )
+    manifest = build(cfg, _source(args))
+    if manifest is None:
+        print(
+            f"this job's shards are done; run `python -m data_prep merge {args.output_dir}` after all jobs finish"
+        )
+    else:
+        print(f"wrote {Path(args.output_dir) / 'manifest.json'} ({len(manifest['shards'])} shards)")
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from data_prep.tokenizer import train_tokenizer
+
+    source = _source(args)
+    docs = (d for chunk in source.chunks(10000, lambda k: True) for d in chunk.documents or [])
+    out = train_tokenizer(docs, args.output_dir, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    print(f"wrote tokenizer to {out} (load it with BertTokenizer.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from data_prep.build import merge
+
+    manifest = merge(Path(args.output_dir))
+    assert manifest is not None  # merge raises while parts are missing
+    print(f"wrote {Path(args.output_dir) / 'manifest.json'} ({len(manifest['shards'])} shards)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from alectra.data.indexed import IndexedDataset, file_sha256
+    from alectra.data.manifest import load_manifest
+
+    manifest = load_manifest(args.dataset)
+    root = Path(manifest["_dir"])
+    bad = 0
+    for s in manifest["shards"]:
+        prefix = root / s["prefix"]
+        problems = []
+        try:
+            ds = IndexedDataset(prefix)
+            if (len(ds), ds.num_documents, ds.num_tokens) != (s["sequences"], s["documents"], s["tokens"]):
+                problems.append(
+                    f"counts {len(ds)}/{ds.num_documents}/{ds.num_tokens} != manifest "
+                    f"{s['sequences']}/{s['documents']}/{s['tokens']}"
+                )
+            elif (
+                len(ds)
+                and int(ds.pointers[-1]) + int(ds.lengths[-1]) * ds.dtype.itemsize
+                != ds.num_tokens * ds.dtype.itemsize
+            ):
+                problems.append("sequence pointers do not match lengths")
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(str(e))
+        for ext in ("bin", "idx"):
+            path = Path(f"{prefix}.{ext}")
+            if path.is_file() and file_sha256(path) != s[f"{ext}_sha256"]:
+                problems.append(f"{path.name}: checksum mismatch")
+        bad += bool(problems)
+        print(f"{s['prefix']}: {'OK' if not problems else 'BAD: ' + '; '.join(problems)}")
+    print(f"{len(manifest['shards']) - bad}/{len(manifest['shards'])} shards OK")
+    if bad:
+        print(
+            f"error: {bad} shard(s) failed verification; rebuild them (delete their .json record and rerun build)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from alectra.data.indexed import IndexedDataset
+    from alectra.data.manifest import load_manifest
+
+    manifest = load_manifest(args.dataset)
+    root = Path(manifest["_dir"])
+    shards = [IndexedDataset(root / s["prefix"]) for s in manifest["shards"]]
+    tok = manifest["tokenizer"]
+    st = manifest.get("stats", {})
+    print(
+        f"dataset   {root}  ({manifest['format']}, dtype {manifest.get('dtype')}, split {manifest.get('sentence_split')})"
+    )
+    print(
+        f"tokenizer {tok['name_or_path']}  vocab {tok['vocab_size']}  sha256 {tok['vocab_sha256'][:16]}  {tok['special_tokens']}"
+    )
+    print(
+        f"shards {len(shards)}  documents {sum(d.num_documents for d in shards):,}  "
+        f"sentences {sum(len(d) for d in shards):,}  tokens {sum(d.num_tokens for d in shards):,}  "
+        f"(empty skipped {st.get('empty_documents', 0):,}, invalid UTF-8 {st.get('invalid_utf8_documents', 0):,})"
+    )
+    lengths = np.concatenate([np.asarray(d.lengths) for d in shards]) if shards else np.zeros(0, np.int32)
+    if len(lengths):
+        edges = [1, 8, 16, 32, 64, 128, 256, 512, max(513, int(lengths.max()) + 1)]
+        hist, _ = np.histogram(lengths, bins=edges)
+        print(
+            f"sentence length: mean {lengths.mean():.1f}  median {np.median(lengths):.0f}  max {lengths.max()}"
+        )
+        for lo, hi, n in zip(edges[:-1], edges[1:], hist, strict=True):
+            bar = "#" * int(round(50 * n / max(1, hist.max())))
+            print(f"  [{lo:>4}, {hi:>4})  {n:>10,}  {bar}")
+    if args.num_examples and shards:
+        from data_prep.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer or tok["name_or_path"])
+        for d in range(min(args.num_examples, shards[0].num_documents)):
+            print(f"--- document {d} ---")
+            for seq in shards[0].document(d)[: args.max_sentences]:
+                print("  " + tokenizer.decode(np.asarray(seq).tolist()))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="tokenize a corpus into Megatron indexed shards + manifest.json")
+    _add_source_args(b)
+    b.add_argument(
+        "--tokenizer", required=True, help="HF fast tokenizer name or folder (e.g. bert-base-uncased)"
+    )
+    b.add_argument("--output-dir", "-o", required=True, help="dataset folder to write")
+    b.add_argument(
+        "--sentence-split", choices=SPLIT_MODES, default="rules", help="rules (prose) or lines (one per line)"
+    )
+    b.add_argument(
+        "--docs-per-shard", type=int, default=20000, help="input documents per shard (fixes boundaries)"
+    )
+    b.add_argument(
+        "--workers", type=int, default=1, help="tokenizing processes (output does not depend on it)"
+    )
+    b.add_argument(
+        "--num-shards", type=int, default=1, help="number of jobs sharing the build (SLURM array size)"
+    )
+    b.add_argument("--shard-index", type=int, default=0, help="this job's index (e.g. $SLURM_ARRAY_TASK_ID)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_build)
+
+    t = sub.add_parser("train-tokenizer", help="train a BERT-style uncased WordPiece vocabulary")
+    _add_source_args(t)
+    t.add_argument("--output-dir", "-o", required=True, help="tokenizer folder to write")
+    t.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size (BERT: 30522)")
+    t.add_argument("--min-frequency", type=int, default=2, help="minimum pair frequency to merge")
+    t.set_defaults(func=cmd_train_tokenizer)
+
+    i = sub.add_parser("inspect", help="counts, sentence-length histogram and the first documents decoded")
+    i.add_argument("dataset", help="dataset folder (with manifest.json)")
+    i.add_argument("--num-examples", type=int, default=2, help="documents to decode (0: none)")
+    i.add_argument("--max-sentences", type=int, default=5, help="sentences shown per document")
+    i.add_argument("--tokenizer", default=None, help="tokenizer for decoding (default: the manifest's)")
+    i.set_defaults(func=cmd_inspect)
+
+    v = sub.add_parser(
+        "verify", help="check every shard against its index, the manifest counts and checksums"
+    )
+    v.add_argument("dataset", help="dataset folder (with manifest.json)")
+    v.set_defaults(func=cmd_verify)
+
+    m = sub.add_parser("merge", help="write manifest.json once all --num-shards jobs have finished")
+    m.add_argument("output_dir", help="dataset folder the jobs wrote into")
+    m.set_defaults(func=cmd_merge)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except (DataPrepError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
