@@ -49,7 +49,8 @@ def prepare_demo(
         sentence_split="rules",
         docs_per_shard=DEMO_DOCS_PER_SHARD,
         workers=workers,
-        command=f"data_prep.prepare_demo({str(out)!r}, vocab_size={vocab_size}, max_documents={max_documents})",
+        command=f"data_prep.prepare_demo({str(out)!r}, vocab_size={vocab_size}, "
+        f"max_documents={max_documents})",
         progress=False,
     )
     result = build(cfg, DemoSource(max_documents=max_documents))

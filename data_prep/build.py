@@ -37,13 +37,13 @@ class BuildConfig:
     tokenizer: str
     """Hugging Face fast tokenizer: hub name or local folder."""
     sentence_split: str = "rules"
-    """``rules`` (rule-based prose splitter) or ``lines`` (one sentence per line, ELECTRA's OpenWebText way)."""
+    """``rules`` (rule-based prose splitter) or ``lines`` (one sentence per line, as ELECTRA for OWT)."""
     docs_per_shard: int = 20000
     """Input documents per output shard; fixes shard boundaries."""
     workers: int = 1
     """Tokenizing processes on this machine."""
     num_shards: int = 1
-    """Number of independent jobs (SLURM array / MPI ranks) sharing the build; job i writes shards k % n == i."""
+    """Independent jobs (SLURM array tasks) sharing the build; job i writes the shards k with k % n == i."""
     shard_index: int = 0
     """This job's index in ``[0, num_shards)``."""
     command: str = ""
@@ -63,7 +63,8 @@ class BuildConfig:
             raise DataPrepError(f"--workers {self.workers}: must be >= 1")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise DataPrepError(
-                f"--shard-index {self.shard_index} / --num-shards {self.num_shards}: need 0 <= index < num-shards"
+                f"--shard-index {self.shard_index} / --num-shards {self.num_shards}: "
+                "need 0 <= index < num-shards"
             )
 
 
@@ -170,7 +171,8 @@ def _check_output_dir(out: Path, fingerprint: dict) -> None:
         old = json.loads(build_json.read_text())
         if old.get("vocab_sha256") != fingerprint["vocab_sha256"]:
             raise DataPrepError(
-                f"{out}: holds shards built with another tokenizer (vocab sha256 {old.get('vocab_sha256', '?')[:12]}, "
+                f"{out}: holds shards built with another tokenizer "
+                f"(vocab sha256 {old.get('vocab_sha256', '?')[:12]}, "
                 f"now {fingerprint['vocab_sha256'][:12]}); use a new --output-dir or delete this one"
             )
         diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]

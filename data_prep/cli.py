@@ -1,4 +1,4 @@
-"""``python -m data_prep {build,train-tokenizer,inspect,verify,merge}`` (console script ``alectra-data-prep``)."""
+"""``python -m data_prep {build,train-tokenizer,inspect,verify,merge}`` (also ``alectra-data-prep``)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     manifest = build(cfg, _source(args))
     if manifest is None:
         print(
-            f"this job's shards are done; run `python -m data_prep merge {args.output_dir}` after all jobs finish"
+            f"this job's shards are done; run `python -m data_prep merge {args.output_dir}` "
+            "after all jobs finish"
         )
     else:
         print(f"wrote {Path(args.output_dir) / 'manifest.json'} ({len(manifest['shards'])} shards)")
@@ -146,7 +147,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"{len(manifest['shards']) - bad}/{len(manifest['shards'])} shards OK")
     if bad:
         print(
-            f"error: {bad} shard(s) failed verification; rebuild them (delete their .json record and rerun build)",
+            f"error: {bad} shard(s) failed verification; rebuild them "
+            "(delete their .json record and rerun build)",
             file=sys.stderr,
         )
         return 1
@@ -163,22 +165,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     tok = manifest["tokenizer"]
     st = manifest.get("stats", {})
     print(
-        f"dataset   {root}  ({manifest['format']}, dtype {manifest.get('dtype')}, split {manifest.get('sentence_split')})"
+        f"dataset   {root}  ({manifest['format']}, dtype {manifest.get('dtype')}, "
+        f"split {manifest.get('sentence_split')})"
     )
     print(
-        f"tokenizer {tok['name_or_path']}  vocab {tok['vocab_size']}  sha256 {tok['vocab_sha256'][:16]}  {tok['special_tokens']}"
+        f"tokenizer {tok['name_or_path']}  vocab {tok['vocab_size']}  "
+        f"sha256 {tok['vocab_sha256'][:16]}  {tok['special_tokens']}"
     )
     print(
         f"shards {len(shards)}  documents {sum(d.num_documents for d in shards):,}  "
         f"sentences {sum(len(d) for d in shards):,}  tokens {sum(d.num_tokens for d in shards):,}  "
-        f"(empty skipped {st.get('empty_documents', 0):,}, invalid UTF-8 {st.get('invalid_utf8_documents', 0):,})"
+        f"(empty skipped {st.get('empty_documents', 0):,}, "
+        f"invalid UTF-8 {st.get('invalid_utf8_documents', 0):,})"
     )
     lengths = np.concatenate([np.asarray(d.lengths) for d in shards]) if shards else np.zeros(0, np.int32)
     if len(lengths):
         edges = [1, 8, 16, 32, 64, 128, 256, 512, max(513, int(lengths.max()) + 1)]
         hist, _ = np.histogram(lengths, bins=edges)
         print(
-            f"sentence length: mean {lengths.mean():.1f}  median {np.median(lengths):.0f}  max {lengths.max()}"
+            f"sentence length: mean {lengths.mean():.1f}  median {np.median(lengths):.0f}  "
+            f"max {lengths.max()}"
         )
         for lo, hi, n in zip(edges[:-1], edges[1:], hist, strict=True):
             bar = "#" * int(round(50 * n / max(1, hist.max())))

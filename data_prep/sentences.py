@@ -2,7 +2,8 @@
 
 ``lines``: every non-empty line is a sentence -- what google-research/electra's
 ``build_openwebtext_pretraining_dataset.py`` does for OpenWebText, whose documents are already one
-paragraph or sentence per line. ``rules``: paragraphs (blank-line separated, hard-wrapped lines joined), then a rule-based split at sentence-final punctuation
+paragraph or sentence per line. ``rules``: paragraphs (blank-line separated, hard-wrapped lines
+joined), then a rule-based split at sentence-final punctuation
 followed by whitespace and an upper-case letter, digit or opening quote, except after common abbreviations
 and single initials -- good enough for prose, where a missed split only makes one segment longer.
 """

@@ -136,7 +136,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for f in files:
         if not _supported(f):
             raise DataPrepError(
-                f"{f}: unknown file type; use .txt, .jsonl, .json or .parquet (text/JSON may end in .gz or .zst)"
+                f"{f}: unknown file type; use .txt, .jsonl, .json or .parquet "
+                "(text/JSON may end in .gz or .zst)"
             )
     return files
 
@@ -164,7 +165,7 @@ class FileSource(Source):
     json_key: str = "text"
     """Field of each JSON object / Parquet column that holds the document."""
     text_mode: str = "blank-lines"
-    """Plain text: ``blank-lines`` (documents separated by blank lines) or ``file`` (one document per file)."""
+    """Plain text: ``blank-lines`` (blank lines separate documents) or ``file`` (one document per file)."""
 
     def __post_init__(self) -> None:
         if self.text_mode not in TEXT_MODES:
@@ -222,7 +223,8 @@ class FileSource(Source):
                 if not isinstance(obj, dict) or self.json_key not in obj:
                     keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
                     raise DataPrepError(
-                        f"{path}:{lineno}: no key {self.json_key!r} (found: {keys}); pass --json-key with the text field"
+                        f"{path}:{lineno}: no key {self.json_key!r} (found: {keys}); "
+                        "pass --json-key with the text field"
                     )
                 text = obj[self.json_key]
                 yield text if isinstance(text, str) else ""
@@ -236,7 +238,8 @@ class FileSource(Source):
             raise DataPrepError(f"{path}: not a readable Parquet file ({e})") from e
         if self.json_key not in pf.schema_arrow.names:
             raise DataPrepError(
-                f"{path}: no column {self.json_key!r} (found: {', '.join(pf.schema_arrow.names)}); pass --json-key"
+                f"{path}: no column {self.json_key!r} "
+                f"(found: {', '.join(pf.schema_arrow.names)}); pass --json-key"
             )
         for batch in pf.iter_batches(columns=[self.json_key], batch_size=4096):
             for text in batch.column(0).to_pylist():
@@ -292,12 +295,14 @@ class HFSource(Source):
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             offline = " (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if _offline() else ""
             raise DataPrepError(
-                f"cannot load Hugging Face dataset {self.name!r}{offline}: {first}; check the name, or pass local files"
+                f"cannot load Hugging Face dataset {self.name!r}{offline}: {first}; "
+                "check the name, or pass local files"
             ) from e
         names = ds.column_names
         if names is not None and self.text_key not in names:
             raise DataPrepError(
-                f"dataset {self.name!r} has no column {self.text_key!r} (found: {', '.join(names)}); pass --json-key"
+                f"dataset {self.name!r} has no column {self.text_key!r} "
+                f"(found: {', '.join(names)}); pass --json-key"
             )
         return ds
 

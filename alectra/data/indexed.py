@@ -77,7 +77,8 @@ class IndexedDataset:
         expected = _HEADER.size + n_seq * 4 + n_seq * 8 + n_doc_idx * 8
         if idx.size != expected:
             raise IndexFormatError(
-                f"{idx_path}: {idx.size} bytes, the header promises {expected}; the file is truncated or corrupt"
+                f"{idx_path}: {idx.size} bytes, the header promises {expected}; "
+                "the file is truncated or corrupt"
             )
         off = _HEADER.size
         self.lengths = idx[off : off + n_seq * 4].view(np.int32)  # (S,)

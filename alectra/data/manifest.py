@@ -6,7 +6,8 @@ Shape (docs/architecture.md)::
      "tokenizer": {"name_or_path", "vocab_size", "vocab_sha256",
                    "special_tokens": {"cls", "sep", "pad", "mask", "unk"}},
      "dtype": "uint16", "sentence_split": "rules", "docs_per_shard": 20000,
-     "shards": [{"prefix": "shard_00000", "sequences", "documents", "tokens", "bin_sha256", "idx_sha256"}, ...],
+     "shards": [{"prefix": "shard_00000", "sequences", "documents", "tokens",
+                 "bin_sha256", "idx_sha256"}, ...],
      "stats": {...}, "command": "python -m data_prep build ..."}
 
 Sequences hold the sentence tokens only, without ``[CLS]``/``[SEP]`` (the example builder adds them).
