@@ -224,6 +224,14 @@ def master_port_for_job(job_id: str, step_id: str | None = None) -> int:
     return _PORT_BASE + zlib.crc32(key.encode()) % _PORT_SPAN
 
 
+def free_port() -> int:
+    """A TCP port free on this host right now. Enough for a one-process group, whose rendezvous nobody
+    else needs to find: a fixed 29500 fails with EADDRINUSE whenever another job on the node uses it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # DeepSpeed hostfile
 
@@ -321,7 +329,9 @@ def _discover_explicit(environ: Mapping[str, str]) -> DistEnv:
         local_rank=_int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
         world_size=world_size,
         master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _DEFAULT_PORT,
+        master_port=_int_env(environ, "MASTER_PORT")
+        if "MASTER_PORT" in environ
+        else (_DEFAULT_PORT if world_size > 1 else free_port()),
         launcher=launcher,
     )
 
@@ -352,7 +362,7 @@ def _discover_mpi(environ: Mapping[str, str], mpi_factory: Callable[[], _Mpi]) -
         master_port = _int_env(environ, "MASTER_PORT")
     else:
         key = _mpi_job_key(environ)
-        master_port = _DEFAULT_PORT if key is None else master_port_for_job(key)
+        master_port = master_port_for_job(key) if key else (_DEFAULT_PORT if world_size > 1 else free_port())
     return DistEnv(
         rank=rank,
         local_rank=local_rank,
@@ -432,7 +442,7 @@ def discover(environ: Mapping[str, str], *, mpi_factory: Callable[[], _Mpi] = _M
         local_rank=0,
         world_size=1,
         master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else _DEFAULT_PORT,
+        master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else free_port(),
         launcher="single",
     )
 

@@ -191,3 +191,21 @@ def test_cli_hostfile_and_error(tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: invalid SLURM node list 'n[1-2': '[' without ']'"]
+
+
+def test_single_process_gets_a_free_port_not_29500():
+    # a lone process must not fail with EADDRINUSE because another job on the node holds torch's 29500
+    import socket
+
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass  # someone else holds it already: the same situation
+        dist_env = discover({})
+        assert dist_env.launcher == "single" and dist_env.world_size == 1
+        assert dist_env.master_port != 29500
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", dist_env.master_port))  # free right now
