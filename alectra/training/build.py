@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,20 @@ def init_distributed() -> None:
     (gloo on CPU, nccl on GPU: DeepSpeed's accelerator picks)."""
     from alectra.distributed import init_distributed_env
 
-    init_distributed_env()
+    port_given = "MASTER_PORT" in os.environ
+    if init_distributed_env().launcher == "single" and not port_given:
+        os.environ["MASTER_PORT"] = str(
+            _free_port()
+        )  # two single-process runs on one machine must not collide
     deepspeed.init_distributed()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _collective_on_rank0(fn, *args, **kwargs) -> Any:

@@ -151,17 +151,18 @@ class Trainer:
     def _handle_nonfinite(self, consecutive: int) -> None:
         if self.engine.was_step_applied():
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.step} and DeepSpeed applied the update (its overflow "
+                f"non-finite loss at step {self.state.step + 1} and DeepSpeed applied the update (its overflow "
                 f"check is off: gradient_clipping 0 or bf16.check_grad_overflow false); weights are lost, "
                 f"resume from the last checkpoint with a lower train.lr"
             )
+        step = self.state.step + 1  # 1-based, as logged
         self.state.nonfinite_steps += 1
-        log.warning("step %d: non-finite loss, update skipped (%d in a row)", self.state.step, consecutive)
+        log.warning("step %d: non-finite loss, update skipped (%d in a row)", step, consecutive)
         if consecutive >= self.cfg.train.max_nonfinite_steps:
             last = self._last_saved or "none written by this run"
             raise NonFiniteLossError(
                 f"{consecutive} consecutive steps with a non-finite loss (train.max_nonfinite_steps="
-                f"{self.cfg.train.max_nonfinite_steps}) at step {self.state.step}; stopping. Last good "
+                f"{self.cfg.train.max_nonfinite_steps}) at step {step}; stopping. Last good "
                 f"checkpoint: {last}. Lower train.lr or raise train.warmup_steps, then resume"
             )
 
@@ -174,7 +175,9 @@ class Trainer:
         if n == 0:
             log.warning(
                 "held-out split has %d samples, fewer than one micro-batch per rank (%d x %d); no evaluation",
-                len(self.valid_dataset), self.cfg.train.micro_batch_size, self.dp_size,
+                len(self.valid_dataset),
+                self.cfg.train.micro_batch_size,
+                self.dp_size,
             )
             return None
         sums = MetricSums(self.engine.device)

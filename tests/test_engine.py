@@ -1,0 +1,280 @@
+"""End-to-end runs of alectra/pretrain.py on CPU (gloo): ZeRO-1/2/3 at 1 and 2 ranks, exact resume after
+SIGKILL and SIGTERM, the half-written checkpoint, the non-finite-loss stop and the user errors.
+
+Every run is a real subprocess (torchrun for 2 ranks) on a small demo dataset: tiny preset, seq 32,
+global batch 8 = micro 4 x (2 accumulation steps at 1 rank | 2 ranks).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alectra.training import EXIT_REQUEUE
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "alectra" / "pretrain.py"
+STEPS = 6
+DEMO_ARGS = {"vocab_size": 1000, "max_documents": 150}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    from data_prep import prepare_demo
+
+    return prepare_demo(tmp_path_factory.mktemp("data") / "demo", **DEMO_ARGS)
+
+
+def run_args(demo: Path, out: Path, zero: int = 2, **overrides) -> list[str]:
+    values = {
+        "output_dir": out,
+        "data.demo_dir": demo,
+        "data.demo_max_documents": DEMO_ARGS["max_documents"],
+        "data.demo_vocab_size": DEMO_ARGS["vocab_size"],
+        "data.max_seq_length": 32,
+        "data.valid_fraction": 0.05,
+        "data.num_workers": 0,
+        "train.steps": STEPS,
+        "train.global_batch_size": 8,
+        "train.micro_batch_size": 4,
+        "train.warmup_steps": 2,
+        "logging.every": 1,
+        "logging.eval_every": 3,
+        "logging.eval_batches": 1,
+        "logging.progress_bar": "false",
+        "logging.tensorboard": "false",
+        "checkpoint.every": 2,
+        **overrides,
+    }
+    args = ["--deepspeed", str(ROOT / "ds_configs" / f"zero{zero}.json")]
+    for key, value in values.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def launch(args: list[str], ranks: int = 1, **popen) -> subprocess.Popen:
+    if ranks == 1:
+        cmd = [sys.executable, str(PRETRAIN), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+        cmd += [str(PRETRAIN), *args]
+    return subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 240) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect}):\n{output[-4000:]}"
+    return output
+
+
+def losses(out: Path, name: str = "train_loss") -> dict[int, float]:
+    """Per-step values from DeepSpeed's CSV monitor; a step logged twice (re-run after a kill) keeps the last."""
+    with open(out / "logs" / "train" / f"{name}.csv") as f:
+        rows = list(csv.reader(f))
+    return {int(step): float(value) for step, value in rows if step != "step"}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended early:\n{proc.communicate()[0][-4000:]}"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(demo, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """The uninterrupted 1-rank ZeRO-2 run every other run is compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    output = finish(launch(run_args(demo, out)))
+    assert "export:" in output
+    return out, losses(out)
+
+
+def test_reference_run_trains_saves_and_exports(reference):
+    out, ref = reference
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    assert all(v == v and v > 0 for v in ref.values())
+    assert ref[STEPS] < ref[1], f"loss did not fall: {ref}"
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step_{STEPS}"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_4", "step_6"]  # keep_last=2
+    assert (checkpoints / f"step_{STEPS}" / "alectra_complete.json").is_file()
+    assert (checkpoints / "alectra_model.json").is_file()
+    assert (out / "export" / "discriminator" / "config.json").is_file()
+    assert (out / "export" / "generator" / "config.json").is_file()
+    assert losses(out, "eval_loss")  # held-out evaluation ran
+    for name in (
+        "train_gen_accuracy",
+        "train_disc_accuracy",
+        "train_replaced_recall",
+        "train_lr",
+        "train_grad_norm",
+        "train_tokens_per_s",
+        "train_data_wait_pct",
+        "train_peak_mem_gib",
+    ):
+        assert losses(out, name), name
+    resolved = json.loads((out / "ds_config.json").read_text())
+    assert resolved["gradient_accumulation_steps"] == 2 and resolved["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize(("ranks", "zero"), [(1, 3), (2, 1), (2, 2), (2, 3)])
+def test_zero_stages_and_ranks_match_reference(demo, reference, tmp_path, ranks, zero):
+    """Same global batch split as 1 rank x 2 accumulation or 2 ranks x 1: same losses up to float rounding."""
+    _, ref = reference
+    out = tmp_path / "run"
+    finish(launch(run_args(demo, out, zero=zero, **{"logging.eval_every": 0}), ranks=ranks))
+    got = losses(out)
+    assert sorted(got) == sorted(ref)
+    assert got[1] == pytest.approx(ref[1], rel=1e-6)  # same samples, seeds and initial weights
+    for step in ref:  # gradients are reduced in another order, so later steps differ in the last bits
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
+
+
+def test_kill_sigterm_half_written_checkpoint_then_exact_resume(demo, reference, tmp_path):
+    """SIGKILL after a checkpoint, SIGTERM (exit 75 with a checkpoint), a half-written newer checkpoint that
+    must be ignored, then a resume to the end: per-step losses equal the uninterrupted run bit for bit."""
+    _, ref = reference
+    out = tmp_path / "run"
+    args = run_args(demo, out, **{"logging.eval_every": 0, "checkpoint.keep_last": 5})
+    checkpoints = out / "checkpoints"
+
+    proc = launch(args)
+    wait_for(lambda: (checkpoints / "step_2" / "alectra_complete.json").is_file(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    proc = launch(args)
+    wait_for(lambda: 3 in _safe_losses(out), proc)
+    proc.send_signal(signal.SIGTERM)
+    output = finish(proc, expect=EXIT_REQUEUE)
+    assert "resuming from" in output and "step_2" in output
+    stopped = int((checkpoints / "latest").read_text().removeprefix("step_"))
+    assert 3 <= stopped < STEPS, (
+        f"the SIGTERM checkpoint should be taken at the next step boundary: {stopped}"
+    )
+
+    # A save killed midway: files present, no commit mark, and `latest` even pointing at it.
+    half = checkpoints / f"step_{stopped + 1}"
+    shutil.copytree(checkpoints / f"step_{stopped}", half)
+    (half / "alectra_complete.json").unlink()
+    for f in half.glob("*optim_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    (checkpoints / "latest").write_text(half.name)
+
+    output = finish(launch(args))
+    assert f"resuming from {checkpoints / f'step_{stopped}'}" in output
+    assert losses(out) == ref  # bit-identical, every step
+
+
+def _safe_losses(out: Path) -> dict[int, float]:
+    try:
+        return losses(out)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def test_resume_at_another_world_size_keeps_data_position(demo, reference, tmp_path):
+    """A 1-rank checkpoint resumed on 2 ranks (universal checkpoint) continues at the same step and sample."""
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / "latest").write_text("step_4")
+    shutil.rmtree(out / "checkpoints" / "step_6")
+    output = finish(launch(run_args(demo, out, **{"logging.eval_every": 0}), ranks=2))
+    assert "resuming from" in output and "universal" in output
+    got = losses(out)
+    assert sorted(got) == [5, 6]
+    for step in (5, 6):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4)
+
+
+def test_tokenizer_mismatch_is_a_clear_error(demo, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from alectra.config import ConfigError, load_config
+    from alectra.training.build import load_and_check_tokenizer
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(
+        ["some other words entirely"] * 10, trainers.WordPieceTrainer(special_tokens=specials)
+    )
+    other = tmp_path / "other_tokenizer"
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    ).save_pretrained(other)
+
+    cfg = load_config(None, ["--data.paths", f"[{demo}]", "--data.tokenizer", str(other)])
+    with pytest.raises(ConfigError, match="vocab sha256") as err:
+        load_and_check_tokenizer(cfg, [str(demo)])
+    assert "\n" not in str(err.value)
+    matching = load_config(None, ["--data.paths", f"[{demo}]"])  # the manifest's own tokenizer passes
+    tokenizer, manifest = load_and_check_tokenizer(matching, [str(demo)])
+    assert len(tokenizer.get_vocab()) == manifest["tokenizer"]["vocab_size"]
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_last_good_checkpoint(demo, tmp_path):
+    """lr 1e30 blows the weights up at step 2 (step 1 has lr 0): steps 3 and 4 are non-finite and skipped,
+    max_nonfinite_steps=2 stops the run with one clear line; step_2 stays the committed checkpoint."""
+    out = tmp_path / "run"
+    overrides = {"train.lr": 1e30, "train.max_nonfinite_steps": 2, "logging.eval_every": 0}
+    output = finish(launch(run_args(demo, out, **overrides)), expect=1)
+    assert "error: 2 consecutive steps with a non-finite loss" in output
+    assert "Last good checkpoint:" in output and "step_2" in output
+    assert "update skipped (1 in a row)" in output
+    assert (out / "checkpoints" / "latest").read_text() == "step_2"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_2"]
+    assert losses(out, "train_skipped_steps")[3] == 1.0
+
+
+def test_default_command_with_deepspeed_launcher(tmp_path):
+    """The README command, from an empty folder, with only the step count lowered: builds the demo data,
+    trains, checkpoints, exports and says where."""
+    cmd = [
+        "deepspeed",
+        "--num_gpus",
+        "1",
+        str(PRETRAIN),
+        "--deepspeed",
+        "ds_configs/zero2.json",
+        "--train.steps",
+        "2",
+        "--logging.eval_batches",
+        "1",
+    ]
+    shutil.copytree(ROOT / "ds_configs", tmp_path / "ds_configs")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert (tmp_path / "data" / "demo" / "manifest.json").is_file()
+    assert "bf16 disabled: no GPU" in output
+    assert "export: runs/demo/export" in output
+    assert (tmp_path / "runs" / "demo" / "export" / "discriminator" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "demo" / "checkpoints" / "latest").read_text() == "step_2"
