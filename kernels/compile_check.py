@@ -13,6 +13,7 @@ kernels; tests run it as a subprocess for the same reason.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -21,8 +22,13 @@ import subprocess
 import sys
 import tempfile
 
+# @triton.jit picks interpreter or compiler when a kernel is defined (triton's own tl.rand included), so the
+# variable has to go before triton is imported at all.
 if os.environ.pop("TRITON_INTERPRET", None) is not None and "triton" in sys.modules:
-    raise RuntimeError("kernels.compile_check must be imported before triton when TRITON_INTERPRET is set")
+    raise RuntimeError(
+        "kernels.compile_check: triton was already imported with TRITON_INTERPRET set; run "
+        "`env -u TRITON_INTERPRET python -m kernels.compile_check` in a fresh process"
+    )
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -149,11 +155,21 @@ def compile_one(spec: Specialisation, capability: int) -> dict:
     }
 
 
+def _compile_job(job: tuple[int, int]) -> dict:
+    # By index: JITFunction objects do not pickle across processes.
+    index, capability = job
+    return compile_one(specialisations()[index], capability)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    parser.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     args = parser.parse_args(argv)
-    rows = [compile_one(spec, cc) for cc in CAPABILITIES for spec in specialisations()]
+    jobs = [(index, cc) for cc in CAPABILITIES for index in range(len(specialisations()))]
+    # ptxas and the MLIR passes are CPU-bound and independent per job: two workers halve the wall time.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers) as pool:
+        rows = list(pool.map(_compile_job, jobs))
     if args.json:
         for row in rows:
             print(json.dumps(row))

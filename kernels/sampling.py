@@ -123,10 +123,12 @@ def _sample_ce_fwd_kernel(
         best_score_idx = tl.where(better, start + block_best_arg, best_score_idx)
         best_score = tl.where(better, block_best, best_score)
 
-    lse = running_max + tl.log(running_sum)
+    # Everything relative to the row max: lse - x[t] = (max - x[t]) + log(sum), so a loss of log(V) survives
+    # logits near fp16/bf16's max, where max + log(sum) would round back to max.
+    log_sum = tl.log(running_sum)
     target_logit = tl.load(row_logits + target).to(tl.float32)
     sample = best_score_idx.to(tl.int64)
-    tl.store(loss_ptr + row, lse - target_logit)
+    tl.store(loss_ptr + row, (running_max - target_logit) + log_sum)
     tl.store(samples_ptr + row, sample)
     tl.store(correct_ptr + row, (best_logit_idx == target).to(tl.int32))
     if SCATTER:
@@ -139,7 +141,7 @@ def _sample_ce_fwd_kernel(
         offs = start + cols
         valid = offs < vocab_size
         x = tl.load(row_logits + offs, mask=valid, other=-float("inf")).to(tl.float32)
-        grad = (tl.exp(x - lse) - (offs == target).to(tl.float32)) * grad_scale
+        grad = (tl.exp((x - running_max) - log_sum) - (offs == target).to(tl.float32)) * grad_scale
         tl.store(row_grad + offs, grad.to(grad_ptr.dtype.element_ty), mask=valid)
 
 

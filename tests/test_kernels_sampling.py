@@ -1,0 +1,230 @@
+"""Fused sampling + generator cross-entropy against its PyTorch reference, and sampling statistics.
+
+Runs the Triton kernel under TRITON_INTERPRET=1 where there is no GPU (set by tests/conftest.py).
+"""
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels.sampling import (
+    SAMPLING_BLOCK_V,
+    philox_uniform,
+    sample_and_cross_entropy,
+    sample_and_cross_entropy_reference,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (dtype, atol, rtol) for the logits gradient. Both paths compute (softmax - onehot) / M in fp32 from the same
+# upcast logits and round once to the logits dtype: at most one ulp of that dtype apart.
+GRAD_TOLERANCES = [
+    (torch.float32, 1e-8, 1e-5),
+    (torch.bfloat16, 1e-8, 2**-7),
+    (torch.float16, 1e-8, 2**-10),
+]
+# The loss is fp32 in both paths; only the order of the logsumexp summation differs.
+LOSS_ATOL, LOSS_RTOL = 1e-5, 1e-5
+# (M, V): a single row; the masked rows of an odd B x T = 3 x 423 batch (65 = max_predictions at T = 423)
+# over an odd small vocabulary; a vocabulary spanning two blocks with a ragged tail. Kept small because the
+# interpreter costs ~25 ms per row on this machine.
+SHAPES = [(1, 7), (3 * 65, 61), (5, SAMPLING_BLOCK_V + 903)]
+# Upper 0.999 quantile of the chi-square distribution, by degrees of freedom (scipy.stats.chi2.ppf).
+CHI2_999 = {5: 20.515, 7: 24.322}
+
+
+def _inputs(rows, vocab, dtype, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)  # (M, V)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)  # (M,)
+    return logits.to(DEVICE), targets.to(DEVICE)
+
+
+def _run(fn, logits, targets, grad_output=1.0, **kwargs):
+    x = logits.detach().clone().requires_grad_(True)
+    loss, samples, n_correct = fn(x, targets, **kwargs)
+    (loss * grad_output).backward()
+    return loss.detach(), samples, n_correct, x.grad
+
+
+@triton.jit
+def _rand_kernel(out_ptr, seed, offset_base, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.rand(seed, offset_base + offs), mask=offs < n)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 + 5, 2**62 + 17])
+@pytest.mark.parametrize("offset_base", [0, 2**32 - 100])
+def test_philox_reference_is_bit_exact_with_tl_rand(seed, offset_base):
+    n = 1000
+    out = torch.empty(n, device=DEVICE)
+    _rand_kernel[(triton.cdiv(n, 256),)](out, seed, offset_base, n, BLOCK=256)
+    ref = philox_uniform(seed, offset_base + torch.arange(n, device=DEVICE))
+    assert torch.equal(out, ref)
+    assert 0.0 <= float(ref.min()) and float(ref.max()) < 1.0
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", GRAD_TOLERANCES)
+@pytest.mark.parametrize("rows,vocab", SHAPES)
+def test_matches_reference(rows, vocab, dtype, atol, rtol):
+    logits, targets = _inputs(rows, vocab, dtype, seed=rows + vocab)
+    loss, samples, n_correct, grad = _run(sample_and_cross_entropy, logits, targets, seed=rows)
+    ref = _run(sample_and_cross_entropy_reference, logits, targets, seed=rows)
+    ref_loss, ref_samples, ref_n_correct, ref_grad = ref
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref_loss, atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    assert samples.dtype == torch.int64 and samples.shape == (rows,)
+    # Same Philox stream and the same fp32 arithmetic: identical samples.
+    assert torch.equal(samples, ref_samples)
+    assert n_correct.dtype == torch.int64 and int(n_correct) == int(ref_n_correct)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, ref_grad, atol=atol, rtol=rtol)
+
+
+def test_grad_output_rescale_temperature_and_row_stride():
+    # A (M, V) view of a wider buffer: row stride V + 5, column stride 1.
+    wide, targets = _inputs(40, 305, torch.float32, seed=11)
+    logits = wide[:, :300]
+    targets = targets.clamp(max=299)
+    loss, samples, n_correct, grad = _run(
+        sample_and_cross_entropy, logits, targets, grad_output=2.5, seed=99, temperature=0.7
+    )
+    ref = _run(sample_and_cross_entropy_reference, logits, targets, grad_output=2.5, seed=99, temperature=0.7)
+    torch.testing.assert_close(loss, ref[0], atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    assert torch.equal(samples, ref[1]) and int(n_correct) == int(ref[2])
+    torch.testing.assert_close(grad, ref[3], atol=1e-8, rtol=1e-5)
+
+
+def test_argmax_accuracy_counts_exact_hits():
+    logits, _ = _inputs(50, 97, torch.float32, seed=5)
+    targets = logits.argmax(dim=-1)
+    targets[:20] = (targets[:20] + 1) % 97  # 20 wrong, 30 right
+    _, _, n_correct = sample_and_cross_entropy(logits, targets, seed=0)
+    assert int(n_correct) == 30
+
+
+def test_same_seed_same_samples_different_seed_differs():
+    logits, targets = _inputs(32, 300, torch.bfloat16, seed=1, scale=0.5)
+    first = sample_and_cross_entropy(logits, targets, seed=42)[1]
+    again = sample_and_cross_entropy(logits, targets, seed=42)[1]
+    other = sample_and_cross_entropy(logits, targets, seed=43)[1]
+    assert torch.equal(first, again)
+    # 32 near-uniform draws over 300 ids: seeds agreeing on more than a few rows means the seed is ignored.
+    assert int((first == other).sum()) < 5
+
+
+@pytest.mark.parametrize(
+    "use_triton,rows,temperature",
+    # The kernel at T = 1 on as many rows as the interpreter affords (smallest expected count 20); the
+    # reference, which draws the kernel's samples bit for bit (test_matches_reference), on many more at T = 2.
+    [(True, 300, 1.0), (False, 20000, 2.0)],
+)
+def test_sample_frequencies_match_softmax(use_triton, rows, temperature):
+    vocab = 6
+    row_logits = torch.tensor([1.0, 0.6, 0.3, 0.0, -0.3, -0.6])
+    logits = row_logits.expand(rows, vocab).contiguous().to(DEVICE)  # (M, V) same distribution every row
+    targets = torch.zeros(rows, dtype=torch.int64, device=DEVICE)
+    _, samples, _ = sample_and_cross_entropy(
+        logits, targets, seed=2024, temperature=temperature, use_triton=use_triton
+    )
+    observed = torch.bincount(samples.cpu(), minlength=vocab).double()
+    expected = torch.softmax(row_logits.double() / temperature, dim=0) * rows
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_999[vocab - 1], (chi2, observed.tolist(), expected.tolist())
+
+
+def test_scatter_writes_only_masked_positions():
+    batch, seq, vocab = 4, 33, 150
+    gen = torch.Generator().manual_seed(8)
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(DEVICE)  # (B, T)
+    positions = torch.randperm(batch * seq, generator=gen)[:25].sort().values.to(DEVICE)  # (M,) flat
+    targets = input_ids.view(-1)[positions]  # (M,)
+    # Sharp logits peaked at the target for half the rows, so both replaced and kept samples occur.
+    logits, _ = _inputs(25, vocab, torch.float32, seed=9, scale=1.0)
+    logits[torch.arange(0, 25, 2), targets[::2]] += 20.0
+
+    results = {}
+    for use_triton in (True, False):
+        disc_ids = input_ids.clone().view(-1)  # (B*T,)
+        for label_dtype in (torch.int64, torch.bool):
+            replaced = torch.full((batch * seq,), 7, dtype=torch.int64, device=DEVICE).to(label_dtype)
+            _, samples, _ = sample_and_cross_entropy(
+                logits,
+                targets,
+                seed=3,
+                positions=positions,
+                disc_input_ids=disc_ids,
+                replaced_labels=replaced,
+                use_triton=use_triton,
+            )
+            results[use_triton, label_dtype] = (disc_ids.clone(), replaced.clone(), samples)
+
+    untouched = torch.ones(batch * seq, dtype=torch.bool, device=DEVICE)
+    untouched[positions] = False
+    for (_, label_dtype), (disc_ids, replaced, samples) in results.items():
+        assert torch.equal(disc_ids[positions], samples)
+        assert torch.equal(disc_ids[untouched], input_ids.view(-1)[untouched])
+        assert torch.equal(replaced[positions], (samples != targets).to(label_dtype))
+        sentinel = torch.tensor(7).to(label_dtype)
+        assert torch.all(replaced[untouched] == sentinel)
+    kernel, reference = results[True, torch.int64], results[False, torch.int64]
+    assert all(torch.equal(a, b) for a, b in zip(kernel, reference, strict=True))
+    replaced_rows = kernel[1][positions]
+    assert 0 < int(replaced_rows.sum()) < 25  # some kept, some replaced
+
+
+# numpy, running the interpreter, warns where -max - max overflows to -inf; a GPU does the same silently.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_extreme_logits_give_no_nan(dtype):
+    big = torch.finfo(dtype).max
+    rows, vocab = 6, 500
+    logits = torch.zeros(rows, vocab, dtype=dtype, device=DEVICE)
+    logits[:, ::2] = -big
+    logits[0, 17] = big  # one dominant id
+    logits[1, :] = big  # all ids tie at the top
+    logits[2, 3] = big
+    logits[2, 4] = -big
+    # Targets at finite-loss ids: a target at -max has a true loss of ~2 * max, past fp32's range in bf16.
+    targets = torch.tensor([17, 0, 3, 1, 3, 5], device=DEVICE)
+    loss, samples, _, grad = _run(sample_and_cross_entropy, logits, targets, seed=5)
+    ref_loss = _run(sample_and_cross_entropy_reference, logits, targets, seed=5)[0]
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, ref_loss, atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    assert int(samples[0]) == 17 and int(samples[2]) == 3
+    assert torch.all((samples >= 0) & (samples < vocab))
+    assert torch.all(samples[3:] % 2 == 1)  # never an id at -max
+
+
+def test_no_masked_positions():
+    logits = torch.zeros(0, 10, device=DEVICE, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    loss, samples, n_correct = sample_and_cross_entropy(logits, targets, seed=0)
+    loss.backward()
+    assert loss.item() == 0.0 and samples.shape == (0,) and int(n_correct) == 0
+    assert logits.grad.shape == (0, 10)
+
+
+def test_initial_loss_is_log_vocab_for_uniform_logits():
+    vocab = 1000
+    logits = torch.zeros(8, vocab, device=DEVICE)
+    loss = sample_and_cross_entropy(logits, torch.arange(8, device=DEVICE), seed=0)[0]
+    assert math.isclose(loss.item(), math.log(vocab), rel_tol=1e-6)
+
+
+def test_bad_input_raises_one_clear_error():
+    logits, targets = _inputs(4, 10, torch.float32)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        sample_and_cross_entropy(logits, targets, seed=-1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_and_cross_entropy(logits, targets, seed=0, temperature=0.0)
+    with pytest.raises(ValueError, match="targets must be integer ids"):
+        sample_and_cross_entropy(logits, targets[:3], seed=0)
+    with pytest.raises(ValueError, match="go together"):
+        sample_and_cross_entropy(logits, targets, seed=0, positions=targets)
+    with pytest.raises(ValueError, match="2-D float"):
+        sample_and_cross_entropy(logits[0], targets, seed=0)
