@@ -70,7 +70,9 @@ class ModelConfig:
     temperature: float = 1.0
     """Temperature of the Gumbel-max sampling from the generator (reference: 1.0)."""
     kernels: str = "auto"
-    """"auto" = Triton kernels on CUDA, PyTorch references elsewhere; "triton" / "torch" force a path."""
+    """"triton": the Triton kernels; "torch": their PyTorch references (bit-identical samples, but the
+    reference's Philox emulation is slow on CPU); "auto": Triton on CUDA, elsewhere the RTD reference and
+    a torch-RNG sampler (`alectra.model.sample_and_cross_entropy_native`, same distribution, ~100x faster)."""
 
     def __post_init__(self) -> None:
         positive = [

@@ -113,7 +113,7 @@ def test_masked_only_projection_equals_full_projection():
 
 
 def test_initial_losses_match_theory_and_metrics_add_up():
-    model = build().eval()
+    model = build(tiny(kernels="auto")).eval()  # on CPU: RTD reference + torch-RNG sampler
     ids, attention_mask, token_type_ids = make_batch(batch=8, seq_len=64)
     out = model(ids, attention_mask, token_type_ids, seed=3)
     assert abs(out.gen_loss.item() - math.log(VOCAB)) < 0.05 * math.log(VOCAB)
@@ -230,3 +230,31 @@ def test_flops_per_token_counts_layer_applications():
     g = 12 * (4 * 64**2 + 2 * 64 * 256) + 128 * 64
     assert small.flops_per_token(128) == pytest.approx(6 * (d + g), rel=0.25)
     assert small.flops_per_token(512) > small.flops_per_token(128)
+
+
+def test_native_sampler_matches_softmax_and_is_deterministic():
+    from alectra.model import sample_and_cross_entropy_native
+
+    vocab, rows = 8, 20000
+    logits = torch.randn(1, vocab).repeat(rows, 1).requires_grad_()
+    targets = torch.zeros(rows, dtype=torch.int64)
+
+    def run(seed):
+        disc_ids, labels = torch.full((rows,), -1), torch.zeros(rows, dtype=torch.int64)
+        out = sample_and_cross_entropy_native(
+            logits,
+            targets,
+            seed=seed,
+            positions=torch.arange(rows),
+            disc_input_ids=disc_ids,
+            replaced_labels=labels,
+        )
+        return out, disc_ids, labels
+
+    (loss, samples, _), disc_ids, labels = run(3)
+    assert torch.equal(run(3)[0][1], samples) and not torch.equal(run(4)[0][1], samples)
+    assert torch.equal(disc_ids, samples) and torch.equal(labels, (samples != 0).long())
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
+    expected = torch.softmax(logits[0].detach(), -1) * rows
+    chi2 = float(((torch.bincount(samples, minlength=vocab) - expected) ** 2 / expected).sum())
+    assert chi2 < 30.0, chi2  # 7 dof: P(chi2 > 30) ~ 1e-4

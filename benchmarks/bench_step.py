@@ -1,0 +1,182 @@
+"""Tokens/s of one full ELECTRA training step (forward, backward, AdamW) of ElectraPretrainingModel against a
+naive Hugging Face baseline of the same size, side by side in one run.
+
+Baseline (what a straightforward HF implementation does): `ElectraForMaskedLM` projecting ALL B*T positions
+onto the vocabulary, a separate discriminator (`ElectraForPreTraining`; `AlbertForTokenClassification` for
+alectra-small), untied embeddings (two copies in the optimizer), torch softmax + multinomial sampling and
+`F.cross_entropy(ignore_index=-100)` over the full (B, T, V) logits. Both use the same masking.
+
+Each measurement runs in its own subprocess (so peak RSS is per model), alternating ours / baseline
+`--repeats` times; the table shows the median.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_step.py                       # electra-small, alectra-small
+    python benchmarks/bench_step.py --presets electra-small --batch 8 --steps 2 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+VOCAB = 30522
+
+
+def make_batch(batch: int, seq_len: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(999, VOCAB, (batch, seq_len), generator=g)
+    ids[:, 0] = SPECIALS["cls"]
+    ids[:, seq_len // 2] = SPECIALS["sep"]
+    ids[:, -1] = SPECIALS["sep"]
+    token_type_ids = torch.zeros_like(ids)
+    token_type_ids[:, seq_len // 2 + 1 :] = 1
+    return ids, torch.ones_like(ids), token_type_ids
+
+
+class NaiveBaseline:
+    """Untied generator + discriminator, full-vocabulary projection at every position, torch sampling."""
+
+    def __init__(self, preset: str):
+        import torch
+        from transformers import AlbertForTokenClassification, ElectraForMaskedLM, ElectraForPreTraining
+
+        from alectra.model import build_hf_configs
+        from alectra.presets import get_preset
+
+        self.config = get_preset(preset)
+        gen_cfg, disc_cfg = build_hf_configs(self.config, VOCAB)
+        self.generator = ElectraForMaskedLM(gen_cfg)
+        disc_cls = AlbertForTokenClassification if disc_cfg.model_type == "albert" else ElectraForPreTraining
+        self.discriminator = disc_cls(disc_cfg)
+        params = list(self.generator.parameters()) + list(self.discriminator.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        self.generator.train()
+        self.discriminator.train()
+
+    def step(self, ids, attention_mask, token_type_ids, seed: int) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        from alectra.masking import mask_tokens
+
+        masked = mask_tokens(
+            ids,
+            attention_mask,
+            seed=seed,
+            special_token_ids=SPECIALS,
+            max_predictions=self.config.max_predictions_for(ids.shape[1]),
+        )
+        logits = self.generator(masked.input_ids, attention_mask, token_type_ids).logits  # (B, T, V)
+        labels = ids.masked_fill(~masked.masked, -100)
+        gen_loss = F.cross_entropy(logits.view(-1, VOCAB), labels.view(-1), ignore_index=-100)
+        with torch.no_grad():
+            probs = torch.softmax(logits[masked.masked].float() / self.config.temperature, dim=-1)  # (M, V)
+            samples = torch.multinomial(probs, 1).squeeze(1)
+        disc_ids = ids.clone()
+        disc_ids[masked.masked] = samples
+        replaced = (disc_ids != ids).float()
+        disc_logits = self.discriminator(disc_ids, attention_mask, token_type_ids).logits.squeeze(
+            -1
+        )  # (B, T)
+        per_token = F.binary_cross_entropy_with_logits(disc_logits, replaced, reduction="none")
+        disc_loss = (per_token * attention_mask).sum() / attention_mask.sum()
+        loss = gen_loss + self.config.disc_weight * disc_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+class Ours:
+    def __init__(self, preset: str):
+        import torch
+
+        from alectra.model import ElectraPretrainingModel
+        from alectra.presets import get_preset
+
+        self.model = ElectraPretrainingModel(get_preset(preset), vocab_size=VOCAB, special_token_ids=SPECIALS)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def step(self, ids, attention_mask, token_type_ids, seed: int) -> float:
+        out = self.model(ids, attention_mask, token_type_ids, seed=seed)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        return out.loss.item()
+
+
+def worker(kind: str, preset: str, batch: int, seq_len: int, steps: int) -> dict:
+    """Build one model, one warm-up step, then time `steps` steps; return tokens/s and peak RSS."""
+    import torch
+
+    torch.manual_seed(0)
+    runner = (Ours if kind == "ours" else NaiveBaseline)(preset)
+    ids, attention_mask, token_type_ids = make_batch(batch, seq_len)
+    idle_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    runner.step(ids, attention_mask, token_type_ids, seed=0)
+    start = time.perf_counter()
+    for step in range(steps):
+        runner.step(ids, attention_mask, token_type_ids, seed=step + 1)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens_per_s": batch * seq_len * steps / elapsed, "peak_mib": peak, "step_mib": peak - idle_rss}
+
+
+def run_worker(kind: str, args, preset: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--presets", preset, "--batch", str(args.batch)]
+    cmd += ["--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", default="electra-small,alectra-small")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating ours/baseline subprocess runs")
+    parser.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.presets, args.batch, args.seq_len, args.steps)))
+        return
+
+    import torch
+
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+        f"batch {args.batch} x {args.seq_len}, {args.steps} timed steps, median of {args.repeats}"
+    )
+    header = f"{'preset':<14} {'ours tok/s':>11} {'base tok/s':>11} {'speedup':>8} {'ours peak MiB':>14} "
+    header += f"{'base peak MiB':>14} {'ours step MiB':>14} {'base step MiB':>14}"
+    print(header)
+    for preset in args.presets.split(","):
+        runs = {"ours": [], "baseline": []}
+        for _ in range(args.repeats):
+            for kind in runs:
+                runs[kind].append(run_worker(kind, args, preset))
+        ours, base = (
+            {k: statistics.median(r[k] for r in runs[kind]) for k in runs[kind][0]} for kind in runs
+        )
+        print(
+            f"{preset:<14} {ours['tokens_per_s']:>11.0f} {base['tokens_per_s']:>11.0f} "
+            f"{ours['tokens_per_s'] / base['tokens_per_s']:>7.2f}x {ours['peak_mib']:>14.0f} "
+            f"{base['peak_mib']:>14.0f} {ours['step_mib']:>14.0f} {base['step_mib']:>14.0f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
