@@ -67,7 +67,7 @@ class DataSection:
     """Where the token shards come from and how examples are cut."""
 
     paths: list[str] = field(default_factory=list)
-    """Dataset folders holding a manifest.json from data_prep; empty = the built-in demo corpus (built if missing)."""
+    """Dataset folders holding a data_prep manifest.json; empty = the demo corpus (built if missing)."""
     weights: list[float] | None = None
     """Blending weights, one per path; None = proportional to size."""
     demo_dir: str = "data/demo"
@@ -177,7 +177,7 @@ class CheckpointSection:
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
     resume: str = "auto"
-    """"auto" = newest complete checkpoint in `dir` if any; "none" = start fresh; or a checkpoint tag folder."""
+    """"auto" = newest complete checkpoint in `dir` if any; "none" = start fresh; or a tag folder."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 1, f"checkpoint.every must be >= 1, got {self.every}")

@@ -86,7 +86,7 @@ def finish(proc: subprocess.Popen, expect: int = 0, timeout: float = 240) -> str
 
 
 def losses(out: Path, name: str = "train_loss") -> dict[int, float]:
-    """Per-step values from DeepSpeed's CSV monitor; a step logged twice (re-run after a kill) keeps the last."""
+    """Per-step values from DeepSpeed's CSV monitor; a step logged twice (re-run after a kill): the last."""
     with open(out / "logs" / "train" / f"{name}.csv") as f:
         rows = list(csv.reader(f))
     return {int(step): float(value) for step, value in rows if step != "step"}

@@ -2,8 +2,8 @@
 
 Layout of the checkpoint folder (DeepSpeed's, plus two files of ours)::
 
-    step_<N>/                 engine.save_checkpoint(tag="step_<N>") output: model/optimizer shards, client_state
-    step_<N>/alectra_complete.json   written by rank 0 after every rank has finished step_<N> (the commit mark)
+    step_<N>/                 engine.save_checkpoint(tag="step_<N>"): model/optimizer shards, client_state
+    step_<N>/alectra_complete.json   rank 0 writes it after every rank has finished step_<N> (commit mark)
     latest                    the newest committed tag, replaced atomically after the mark is written
     universal/step_<N>/       DeepSpeed universal checkpoint, made on demand to resume at another world size
 
@@ -119,7 +119,7 @@ def find_resume(directory: Path, resume: str) -> CheckpointInfo | None:
 
 
 class Checkpointer:
-    """Saves every `every` steps (the trainer also asks at the end and on a stop signal) and keeps `keep_last`."""
+    """Saves every `every` steps (and, asked by the trainer, at the end and on a stop signal)."""
 
     def __init__(self, directory: Path, *, every: int, keep_last: int, zero_stage: int) -> None:
         self.directory = Path(directory)

@@ -70,14 +70,15 @@ def gradient_accumulation_steps(cfg: RunConfig, dp_size: int) -> int:
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={cfg.train.micro_batch_size} x data-parallel size={dp_size} (= {per_step}); "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} x data-parallel size={dp_size} "
+            f"(= {per_step}); "
             f"change one of them so that micro x grad-accum x ranks = global"
         )
     return cfg.train.global_batch_size // per_step
 
 
 def _precision(cfg: RunConfig, ds: dict, hw: Hardware) -> str:
-    """Resolve bf16/fp16/fp32 from train.precision, the JSON and the hardware (half precision only on GPUs)."""
+    """bf16/fp16/fp32 from train.precision, the JSON and the hardware (half precision only on GPUs)."""
     explicit = [name for name in ("bf16", "fp16") if ds.get(name, {}).get("enabled", AUTO) is True]
     if len(explicit) > 1:
         raise ConfigError("DeepSpeed JSON enables both bf16 and fp16; enable one")
@@ -124,13 +125,13 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
     offload = offloads_optimizer(ds)
     if cfg.train.optimizer == "lamb" and stage != 0:
         raise ConfigError(
-            f"train.optimizer=lamb needs zero_optimization.stage 0 (ZeRO stage {stage} flattens parameters into "
-            f"partitions, which breaks LAMB's per-tensor trust ratio); use adamw or a stage-0 JSON"
+            f"train.optimizer=lamb needs zero_optimization.stage 0 (ZeRO stage {stage} flattens parameters "
+            f"into partitions, which breaks LAMB's per-tensor trust ratio); use adamw or a stage-0 JSON"
         )
     if cfg.train.optimizer == "adamw" and stage == 0:
         raise ConfigError(
-            "zero_optimization.stage 0 with adamw: the non-finite-step skip needs DeepSpeed's ZeRO optimizer; "
-            "use ds_configs/zero1.json (same math, optimizer state sharded)"
+            "zero_optimization.stage 0 with adamw: the non-finite-step skip needs DeepSpeed's ZeRO "
+            "optimizer; use ds_configs/zero1.json (same math, optimizer state sharded)"
         )
     if offload and cfg.train.optimizer != "adamw":
         raise ConfigError("offload_optimizer needs train.optimizer=adamw (DeepSpeedCPUAdam)")

@@ -29,7 +29,7 @@ _LOSSES = ("loss", "gen_loss", "disc_loss")
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
-    """Peak dense TFLOP/s of a GPU named like torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3"), or None."""
+    """Dense peak TFLOP/s of a GPU named as torch.cuda.get_device_name() gives ("NVIDIA H100 80GB HBM3")."""
     for key, table in PEAK_TFLOPS.items():
         if key in device_name.upper():
             return table[precision]

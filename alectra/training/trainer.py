@@ -151,9 +151,9 @@ class Trainer:
     def _handle_nonfinite(self, consecutive: int) -> None:
         if self.engine.was_step_applied():
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.step + 1} and DeepSpeed applied the update (its overflow "
-                f"check is off: gradient_clipping 0 or bf16.check_grad_overflow false); weights are lost, "
-                f"resume from the last checkpoint with a lower train.lr"
+                f"non-finite loss at step {self.state.step + 1} and DeepSpeed applied the update (its "
+                f"overflow check is off: gradient_clipping 0 or bf16.check_grad_overflow false); the weights "
+                f"are lost, resume from the last checkpoint with a lower train.lr"
             )
         step = self.state.step + 1  # 1-based, as logged
         self.state.nonfinite_steps += 1
