@@ -124,7 +124,8 @@ def _read_metadata(checkpoints_dir: Path) -> dict:
 
 def _read_fp32_state_dict(checkpoints_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     tag_dir = checkpoints_dir / tag
-    if any(tag_dir.glob("*optim_states.pt")) and any(tag_dir.glob("zero_pp_rank_*")):
+    # ZeRO writes [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt; stage 0 writes only model states.
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # ZeRO-1/2/3: the fp32 master weights live in the optimizer shards; DeepSpeed's own consolidation.
