@@ -8,8 +8,8 @@ Times are `triton.testing.do_bench` medians (ms) of forward + backward, measured
 - rtd_loss: ours (`kernels.rtd_loss.rtd_loss`) vs `rtd_loss_reference` (eager PyTorch, autograd backward).
   GB/s counts the bytes the fused forward must move (logits, int64 labels, bool mask in; fp32 gradient out)
   plus the backward rescale (fp32 gradient in, logits-dtype gradient out).
-- sampling + generator CE at vocabulary 30522: ours vs two PyTorch baselines: `sample_and_cross_entropy_reference`
-  (bit-exact Philox emulation, many small kernels) and an eager torch baseline (torch.rand Gumbel noise,
+- sampling + generator CE at vocabulary 30522: ours vs two PyTorch baselines:
+  `sample_and_cross_entropy_reference` (bit-exact Philox emulation, many small kernels) and an eager torch baseline (torch.rand Gumbel noise,
   F.cross_entropy), which is what a plain PyTorch implementation would do. GB/s counts two reads of the logits
   and one write of the gradient (the fused kernel's minimum) plus the backward rescale.
 - copy: `dst.copy_(src)` of 1 GiB, read + write bytes: the practical bandwidth ceiling of the card.
@@ -90,8 +90,8 @@ def bench_sampling(do_bench, dtype, copy_gbs) -> list[str]:
         moved = 3 * m * VOCAB * item + 2 * m * VOCAB * item
         gbs = moved / ours / 1e6
         rows.append(
-            f"| sample+CE | M={m} V={VOCAB} | {dtype_name(dtype)} | {ours:.4f} | {ref:.4f} | {ref / ours:.2f}x | "
-            f"{eager / ours:.2f}x | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
+            f"| sample+CE | M={m} V={VOCAB} | {dtype_name(dtype)} | {ours:.4f} | {ref:.4f} | "
+            f"{ref / ours:.2f}x | {eager / ours:.2f}x | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
         )
     return rows
 
