@@ -9,9 +9,10 @@ Times are `triton.testing.do_bench` medians (ms) of forward + backward, measured
   GB/s counts the bytes the fused forward must move (logits, int64 labels, bool mask in; fp32 gradient out)
   plus the backward rescale (fp32 gradient in, logits-dtype gradient out).
 - sampling + generator CE at vocabulary 30522: ours vs two PyTorch baselines:
-  `sample_and_cross_entropy_reference` (bit-exact Philox emulation, many small kernels) and an eager torch baseline (torch.rand Gumbel noise,
-  F.cross_entropy), which is what a plain PyTorch implementation would do. GB/s counts two reads of the logits
-  and one write of the gradient (the fused kernel's minimum) plus the backward rescale.
+  `sample_and_cross_entropy_reference` (bit-exact Philox emulation, many small kernels) and an eager torch
+  baseline (torch.rand Gumbel noise, F.cross_entropy), what a plain PyTorch implementation would do. GB/s
+  counts two reads of the logits and one write of the gradient (the fused kernel's minimum) plus the backward
+  rescale.
 - copy: `dst.copy_(src)` of 1 GiB, read + write bytes: the practical bandwidth ceiling of the card.
 
 On a machine without CUDA the script says so and exits 0; the static compile figures (registers, spills,
