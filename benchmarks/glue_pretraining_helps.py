@@ -44,6 +44,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tasks", default="cola,sst2,mrpc,rte")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max-train-examples", type=int, default=4000)
+    p.add_argument(
+        "--models",
+        default="random-init,pretrained",
+        help="which to fine-tune in this call (two calls can run side by side; a third prints the table)",
+    )
     p.add_argument("--glue-args", default="", help="extra alectra.glue flags, e.g. '--epochs 2'")
     return p.parse_args()
 
@@ -175,20 +180,26 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").is_file() else {}
-    source = args.pretrained
-    if source is None:
-        source = work / "pretrain"
-        if not (source / "checkpoints" / "latest").is_file():
-            timings["pretrain_s"] = pretrain(args, source)
+    timings: dict[str, float] = {}
+    for path in sorted(work.glob("timings*.json")):
+        timings |= json.loads(path.read_text())
+    selected = args.models.split(",")
+    source = args.pretrained or work / "pretrain"
+    if args.pretrained is None and not (source / "checkpoints" / "latest").is_file():
+        timings["pretrain_s"] = pretrain(args, source)
     discriminator = export_discriminator(source, work / "export")
     models = {"random-init": random_copy(discriminator, work / "random_init"), "pretrained": discriminator}
     reports = {}
     for name, model_dir in models.items():
-        start = time.perf_counter()
+        if name not in selected:
+            continue
+        start, done = time.perf_counter(), (work / f"glue_{name}" / "glue_results.json").is_file()
         reports[name] = finetune(model_dir, name, args, work / f"glue_{name}")
-        timings.setdefault(f"finetune_{name}_s", time.perf_counter() - start)
-    (work / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        if not done:
+            timings[f"finetune_{name}_s"] = time.perf_counter() - start
+    (work / f"timings_{'_'.join(selected)}.json").write_text(json.dumps(timings, indent=2) + "\n")
+    if len(reports) < 2:
+        return 0
     from alectra.glue.report import to_markdown
 
     tables = [to_markdown(reports[n]).split("\n\n")[0] for n in models]
