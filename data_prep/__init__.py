@@ -35,6 +35,7 @@ def prepare_demo(
         return out
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file() or _demo_args(out) != demo_args:
+        _remove_demo_build(out)  # another vocabulary: earlier shards and plans no longer apply
         out.mkdir(parents=True, exist_ok=True)
         docs = demo_documents()
         if max_documents is not None:
@@ -60,6 +61,15 @@ def prepare_demo(
 
     write_json_atomic(manifest, result)
     return out
+
+
+def _remove_demo_build(out: Path) -> None:
+    import shutil
+
+    for pattern in ("shard_*", "part_*_of_*.json", "build.json", "manifest.json", "demo_args.json"):
+        for p in out.glob(pattern):
+            p.unlink()
+    shutil.rmtree(out / "plans", ignore_errors=True)
 
 
 def _demo_args(out: Path) -> dict | None:

@@ -203,6 +203,14 @@ def _complete(out: Path, k: int, fingerprint: dict) -> dict | None:
     return rec
 
 
+def _remove_partial_files(out: Path, n_jobs: int, job: int) -> None:
+    """Delete this job's temporary files left by a worker stopped mid-shard (other jobs' are theirs)."""
+    for tmp in out.glob("shard_*.tmp"):
+        k = int(tmp.name.split("_")[1].split(".")[0])
+        if k % n_jobs == job:
+            tmp.unlink(missing_ok=True)
+
+
 def _mpi_rank_world() -> tuple[int, int, object | None]:
     """(rank, world, comm) when launched by mpirun/srun with MPI, else (0, 1, None)."""
     if not any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
@@ -232,7 +240,8 @@ def build(cfg: BuildConfig, source: Source) -> dict | None:
 
     records: dict[int, dict] = {}
     total_bytes = source.total_bytes()
-    bar = _progress(cfg.progress and rank == 0, total_bytes)
+    # rank 0 sees only its own share of the input: size the bar (and ETA) to that share
+    bar = _progress(cfg.progress and rank == 0, None if total_bytes is None else total_bytes // n_jobs)
     started = time.perf_counter()
     record_extra = {"vocab_sha256": fingerprint["vocab_sha256"]}
     pool = None
@@ -272,15 +281,18 @@ def build(cfg: BuildConfig, source: Source) -> dict | None:
             pool.terminate()
             pool.join()
         bar.close()
+        _remove_partial_files(out, n_jobs, job)
     elapsed = time.perf_counter() - started
     write_json_atomic(out / f"part_{job:05d}_of_{n_jobs:05d}.json", {"num_chunks": n_chunks, "jobs": n_jobs})
     if comm is not None:
-        comm.Barrier()
-    if rank == 0:
-        _print_summary(records.values(), elapsed, file=sys.stderr)
-    if comm is not None and rank != 0:
-        return None
-    return merge(out, command=cfg.command, quiet=True)
+        gathered = comm.gather(list(records.values()), root=0)  # also the barrier before the manifest
+        if rank != 0:
+            return None
+        records = {r["index"]: r for part in gathered for r in part}
+    manifest = merge(out, command=cfg.command, quiet=True)
+    who = "" if manifest is not None else f" by job {job} of {n_jobs}"
+    _print_summary(records.values(), elapsed, who, file=sys.stderr)
+    return manifest
 
 
 def merge(
@@ -358,11 +370,11 @@ def _totals(records) -> dict:
     return totals
 
 
-def _print_summary(records, elapsed: float, *, file) -> None:
+def _print_summary(records, elapsed: float, who: str, *, file) -> None:
     t = _totals(list(records))
     mb = t["text_bytes"] / 1e6
     print(
-        f"built {t['documents']:,} documents ({t['empty_documents']:,} empty skipped, "
+        f"built{who} {t['documents']:,} documents ({t['empty_documents']:,} empty skipped, "
         f"{t['invalid_utf8_documents']:,} with invalid UTF-8 replaced), {t['sequences']:,} sentences, "
         f"{t['tokens']:,} tokens from {mb:,.1f} MB in {elapsed:,.1f} s "
         f"({mb / max(elapsed, 1e-9):,.2f} MB/s, {t['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)",

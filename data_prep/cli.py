@@ -84,6 +84,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     manifest = build(cfg, _source(args))
+    if manifest is None and cfg.num_shards == 1:
+        return 0  # an MPI rank other than 0: rank 0 writes the manifest and reports
     if manifest is None:
         print(
             f"this job's shards are done; run `python -m data_prep merge {args.output_dir}` "

@@ -14,22 +14,32 @@ import re
 
 SPLIT_MODES = ("rules", "lines")
 
-_ABBREVIATIONS = (
-    "mr|mrs|ms|dr|prof|sr|jr|st|vs|etc|e\\.g|i\\.e|cf|al|fig|no|vol|approx|inc|ltd|co|corp|dept|est|jan|feb|mar"
-    "|apr|jun|jul|aug|sep|sept|oct|nov|dec|u\\.s|ph\\.d"
+# Words after which a period does not end a sentence (lower case, without the final period).
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st vs etc e.g i.e cf al fig no vol approx inc ltd co corp dept est "
+    "jan feb mar apr jun jul aug sep sept oct nov dec u.s ph.d".split()
 )
-_ABBREV_END = re.compile(r"(?:\b(?:" + _ABBREVIATIONS + r")|\b[A-Za-z])\.$", re.IGNORECASE)
 _PARAGRAPH = re.compile(r"\n\s*\n")
+# [.!?], closing quotes/brackets, whitespace, then an upper-case letter, digit or opening quote/bracket.
 _CANDIDATE = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
+_OPENERS = "\"'(\u201c\u2018["
+
+
+def _is_abbreviation(text: str, start: int, end: int) -> bool:
+    """Whether the word ending at ``text[end - 1] == "."`` is an abbreviation or a single initial."""
+    word = text[max(text.rfind(" ", start, end) + 1, start) : end].lstrip(_OPENERS)
+    if not word.endswith("."):
+        return False  # "!" / "?" always end a sentence
+    stem = word[:-1].lower()
+    return stem in _ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())
 
 
 def split_rules(text: str) -> list[str]:
-    """Split one line of prose into sentences (see module docstring)."""
+    """Split one paragraph of prose into sentences (see module docstring)."""
     out: list[str] = []
     start = 0
     for m in _CANDIDATE.finditer(text):
-        head = text[start : m.start()]
-        if _ABBREV_END.search(head):
+        if _is_abbreviation(text, start, m.start()):
             continue
         # keep closing quotes/brackets with the sentence they close
         end = m.start() + len(m.group(0).rstrip())

@@ -22,6 +22,7 @@ Reading maps both files; memory stays O(1) in the corpus size.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -54,6 +55,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
+def _map(path: Path) -> np.ndarray:
+    """Read-only uint8 view of a whole file through mmap (empty files give an empty array)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+
+
 class IndexedDataset:
     """Random access to the sequences and documents of one ``<prefix>.{idx,bin}`` pair, over mmap."""
 
@@ -63,7 +72,8 @@ class IndexedDataset:
         for p in (idx_path, bin_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: missing; rebuild the dataset with `python -m data_prep build`")
-        idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
+        # np.frombuffer over mmap (as Megatron does): plain ndarrays, no np.memmap subclass overhead per slice
+        idx = _map(idx_path)
         if idx.size < _HEADER.size:
             raise IndexFormatError(f"{idx_path}: truncated header ({idx.size} bytes)")
         magic, version, code, n_seq, n_doc_idx = _HEADER.unpack(bytes(idx[: _HEADER.size]))
@@ -97,9 +107,7 @@ class IndexedDataset:
             )
         self.num_tokens = n_tokens
         # An empty .bin cannot be mmapped; a 0-token shard reads as an empty array.
-        self.tokens = (
-            np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_size else np.zeros(0, dtype=self.dtype)
-        )
+        self.tokens = _map(bin_path).view(self.dtype) if bin_size else np.zeros(0, dtype=self.dtype)
 
     def __len__(self) -> int:
         return len(self.lengths)

@@ -56,8 +56,10 @@ class MegatronPretrainingSampler:
                 yield batch[lo:hi]
 
 
-def collate_examples(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack examples into int64 tensors ``(B, T)``."""
+def collate_examples(samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Int64 tensors ``(B, T)`` from a batch built by ``__getitems__`` (a dict) or from a list of examples."""
+    if isinstance(samples, dict):
+        return {k: torch.from_numpy(v) for k, v in samples.items()}
     return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
 
 
