@@ -51,7 +51,9 @@ _MASK32 = 0xFFFFFFFF
 _REFERENCE_CHUNK_ELEMENTS = 1 << 21
 
 
-@triton.jit
+# A new seed every step: without do_not_specialize, Triton would specialise (and compile) on the seed's
+# value class (== 1, divisible by 16).
+@triton.jit(do_not_specialize=["seed"])
 def _sample_ce_fwd_kernel(
     logits_ptr,
     logits_row_stride,
