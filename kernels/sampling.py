@@ -47,7 +47,7 @@ _PHILOX_ROUND_B = 0xCD9E8D57
 _PHILOX_ROUNDS = 10
 _UINT32_TO_UNIFORM = 4.6566127342e-10
 _MASK32 = 0xFFFFFFFF
-# Rows of noise the reference materialises at a time: bounds its int64 Philox temporaries to ~100 MiB.
+# Logits per chunk of the reference's noise: bounds its int64 Philox temporaries to ~100 MiB.
 _REFERENCE_CHUNK_ELEMENTS = 1 << 21
 
 
