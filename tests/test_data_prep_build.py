@@ -243,3 +243,21 @@ def test_prepare_demo_idempotent(tmp_path):
                 str(train_tokenizer(corpus_docs(50), tmp_path / "t2", vocab_size=500))
             ),
         )
+
+
+def test_sentence_splitting_offline():
+    text = (
+        'Mr. Smith went to Washington. He said "Hi." Then (e.g. here) it ended! Next?\n'
+        "A wrapped\nline goes on. J. R. R. Tolkien wrote it.\n\nNew paragraph 2. 3 apples."
+    )
+    assert split_sentences(text, "rules") == [
+        "Mr. Smith went to Washington.",
+        'He said "Hi."',
+        "Then (e.g. here) it ended!",
+        "Next?",
+        "A wrapped line goes on.",
+        "J. R. R. Tolkien wrote it.",
+        "New paragraph 2.",
+        "3 apples.",
+    ]
+    assert split_sentences(" one line. Two\n\n  second line \n", "lines") == ["one line. Two", "second line"]
