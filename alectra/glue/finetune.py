@@ -171,12 +171,13 @@ def build_classifier(model_dir: pathlib.Path, num_outputs: int, config: Finetune
     The caller seeds torch first: the head initialisation is part of what a fine-tuning seed varies.
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     kwargs = _encoder_kwargs(model_dir, config)
     hf_config = kwargs["config"]
     if config.head == "electra":
         # ELECTRA has no pooler; BERT/ALBERT ones are unused by this head, so they are not built.
-        encoder_class = type(AutoModel.from_config(hf_config))
+        encoder_class = MODEL_MAPPING[type(hf_config)]
         if "add_pooling_layer" in encoder_class.__init__.__code__.co_varnames:
             kwargs["add_pooling_layer"] = False
         encoder = AutoModel.from_pretrained(model_dir, **kwargs)
