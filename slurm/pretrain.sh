@@ -18,6 +18,7 @@
 # at the next step boundary and exits 75; this script then runs `scontrol requeue`, and the requeued job
 # (same job id, same OUTPUT) resumes from the newest complete checkpoint.
 #   exit 0 -> finished, no requeue.     exit 75 -> requeue (at most MAX_RESTARTS times in all).
+#   exit 2 -> bad configuration: not requeued.
 #   anything else -> a crash: requeued at most MAX_CRASH_RETRIES times, then the job fails with that code.
 #
 # Environment variables (all optional):
@@ -52,6 +53,7 @@
 set -uo pipefail
 
 readonly EXIT_REQUEUE=75  # alectra.training.EXIT_REQUEUE (BSD EX_TEMPFAIL)
+readonly EXIT_USAGE=2     # pretrain.py's bad-configuration exit (and argparse's): a retry would fail the same way
 
 die() { echo "pretrain.sh: error: $*" >&2; exit 2; }
 
@@ -144,6 +146,10 @@ if [ "$RESTART" -ge "$MAX_RESTARTS" ]; then
 fi
 if [ "$rc" -eq "$EXIT_REQUEUE" ]; then
   requeue "checkpoint saved after a stop signal (exit $EXIT_REQUEUE)"
+fi
+if [ "$rc" -eq "$EXIT_USAGE" ]; then
+  echo "pretrain.sh: configuration error (exit $EXIT_USAGE, see above); not requeueing: fix it and resubmit" | tee -a "$RUN_LOG"
+  exit "$rc"
 fi
 CRASHES=$(cat "$CRASH_FILE" 2>/dev/null || echo 0)
 if [ "$CRASHES" -ge "$MAX_CRASH_RETRIES" ]; then

@@ -1,12 +1,14 @@
-"""slurm/pretrain.sh on a real two-node SLURM cluster (tests/slurm/cluster.py): ranks meet across nodes,
-preemption -> checkpoint -> exit 75 -> requeue -> resume gives the same run, crashes are retried a bounded
-number of times. Skipped where the SLURM daemons are not installed (`.ci/run` installs them)."""
+"""slurm/*.sh on a real two-node SLURM cluster (tests/slurm/cluster.py) with the real alectra/pretrain.py:
+ranks on two nodes meet and train; preemption -> checkpoint -> exit 75 -> requeue -> resume reproduces the
+uninterrupted run; crashes are retried a bounded number of times; the preprocessing job array + merge
+gives the dataset a single process builds. Skipped where the SLURM daemons are not installed."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,9 +23,15 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 12
-# 2 nodes x 1 CPU task; --time well above the template's USR1@300 margin, or the signal fires at once
+STEPS = 40
+PRETRAIN_ARGS = [
+    *("--train.steps", str(STEPS), "--train.global_batch_size", "16", "--train.micro_batch_size", "8"),
+    *("--logging.every", "1", "--logging.eval_every", "0"),
+    *("--logging.progress_bar", "false", "--logging.tensorboard", "false"),
+]
+# 2 nodes x 1 CPU rank; --time well above the template's USR1@300 margin, or the signal is due at once
 SBATCH_CPU = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30"]
+RUN_HEADER = re.compile(r"=== alectra pretrain: job \d+ restart (\S+)")
 
 
 @pytest.fixture(scope="module")
@@ -34,26 +42,45 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-def _job_env(cluster: SlurmCluster, output: Path, **extra: str) -> dict[str, str]:
-    return {
-        **cluster.env,
-        "OMP_NUM_THREADS": "1",
-        "TRAIN_SCRIPT": "tests/slurm/standin_train.py",
-        "OUTPUT": str(output),
-        **extra,
-    }
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    from data_prep import prepare_demo
+
+    return prepare_demo(tmp_path_factory.mktemp("demo"), vocab_size=2000, max_documents=200)
 
 
-def _sbatch(cluster, env, log: Path, *args: str, wait: bool = True):
-    cmd = ["sbatch", "--parsable", f"--output={log}", *SBATCH_CPU, *(["--wait"] if wait else [])]
-    return subprocess.Popen(
-        [*cmd, "slurm/pretrain.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True
+def _sbatch(cluster, log: Path, args: list[str], script="slurm/pretrain.sh", **env: str) -> str:
+    """Submit; returns the job id."""
+    cmd = ["sbatch", "--parsable", f"--output={log}", *SBATCH_CPU, script, *args]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**cluster.env, "OMP_NUM_THREADS": "1", **env},
+        capture_output=True,
+        text=True,
+        check=True,
     )
+    return proc.stdout.strip()
 
 
-def _losses(output: Path) -> dict[int, str]:
-    lines = (output / "logs" / "losses.csv").read_text().split()
-    return dict((int(step), loss) for step, loss in (line.split(",") for line in lines))
+def _wait(cluster, job_id: str, timeout: float = 200) -> tuple[str, int]:
+    """(final state, exit code) once the job has ended for good; a requeued job goes on. Polls every
+    0.25 s: `sbatch --wait` polls with growing sleeps and added up to 30 s per job here."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _job_field(cluster, job_id, "JobState")
+        if state in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+        ):
+            return state, int(_job_field(cluster, job_id, "ExitCode").split(":")[0])
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} still {state} after {timeout} s")
 
 
 def _job_field(cluster, job_id: str, name: str) -> str:
@@ -61,84 +88,157 @@ def _job_field(cluster, job_id: str, name: str) -> str:
     return re.search(rf"\b{name}=(\S+)", out).group(1)
 
 
+def _csv(path: Path) -> dict[int, str]:
+    """step -> value as written (full precision); a resumed run appends to the same file (with a header)."""
+    rows = [line.split(",") for line in path.read_text().split() if not line.startswith("step,")]
+    return {int(step): value for step, value in rows}
+
+
+def _curves(run: Path) -> dict[str, dict[int, str]]:
+    return {
+        name: _csv(run / "logs" / "train" / f"train_{name}.csv") for name in ("loss", "gen_loss", "disc_loss")
+    }
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, tmp_path_factory):
-    """The reference: 2 nodes x 1 rank, STEPS steps, no signal."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    job = _sbatch(cluster, _job_env(cluster, tmp / "run"), tmp / "job.out", "--train.steps", str(STEPS))
-    stdout, _ = job.communicate(timeout=120)
-    return job.returncode, stdout.strip(), tmp
-
-
-def test_two_nodes_find_each_other_and_train(cluster, uninterrupted):
-    rc, job_id, tmp = uninterrupted
-    log = (tmp / "job.out").read_text()
-    assert rc == 0, log
-    assert "world size: 2" in log and "nodes: 2 (n[1-2])" in log
-    # both ranks discovered the 2-process world from their srun task and trained on it
-    assert sorted(re.findall(r"rank=(\d) world_size=2 launcher=slurm", log)) == ["0", "1"], log
-    assert sorted(_losses(tmp / "run")) == list(range(1, STEPS + 1))
-    assert "restart unset (first run)" in log and "training finished (exit 0)" in log
-    assert _job_field(cluster, job_id, "JobState") == "COMPLETED"
-    assert _job_field(cluster, job_id, "Restarts") == "0"
-
-
-def test_preemption_checkpoints_requeues_and_resumes_identically(cluster, uninterrupted, tmp_path):
-    reference = _losses(uninterrupted[2] / "run")
-    out = tmp_path / "run"
-    env = _job_env(cluster, out)
-    job = _sbatch(
-        cluster, env, tmp_path / "job.out", "--train.steps", str(STEPS), "--standin.step_seconds", "0.5"
-    )
-    job_id = job.stdout.readline().strip()
-    deadline = time.monotonic() + 60
-    while (
-        time.monotonic() < deadline
-        and len(_losses(out) if (out / "logs" / "losses.csv").exists() else {}) < 2
-    ):
+def pretrain_runs(cluster, demo_data, tmp_path_factory):
+    """An uninterrupted 2-node run and the same run preempted mid-way, submitted together."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    ref_id = _sbatch(cluster, tmp / "ref.out", PRETRAIN_ARGS, DATA=str(demo_data), OUTPUT=str(tmp / "ref"))
+    pre_id = _sbatch(cluster, tmp / "pre.out", PRETRAIN_ARGS, DATA=str(demo_data), OUTPUT=str(tmp / "pre"))
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and "train step 3:" not in _read(tmp / "pre.out"):
         time.sleep(0.2)
-    assert (out / "logs" / "losses.csv").exists(), "the job never started training"
-    # --batch: to the batch shell only, like --signal=B:USR1@T; its trap forwards USR1 to the ranks
-    cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
-    job.wait(timeout=150)
-    log = (tmp_path / "job.out").read_text()
-    assert job.returncode == 0, log
+    # --batch: only the batch shell, like --signal=B:USR1@T does; its trap forwards USR1 to the ranks
+    cluster.run(["scancel", "--batch", "--signal=USR1", pre_id])
+    ref_end, pre_end = _wait(cluster, ref_id), _wait(cluster, pre_id)
+    return {
+        "ref": (ref_end, ref_id, tmp / "ref", _read(tmp / "ref.out")),
+        "pre": (pre_end, pre_id, tmp / "pre", _read(tmp / "pre.out")),
+    }
 
-    stopped = re.search(r"checkpoint at step (\d+), exiting 75", log)
-    assert stopped and int(stopped.group(1)) < STEPS, log
-    assert "requeueing job" in log and f"resumed from step {stopped.group(1)}" in log
-    runs = re.findall(r"=== alectra pretrain: job \d+ restart (\S+)", log)
-    assert runs == ["unset", "1"], log  # SLURM_RESTART_COUNT unset on the first run, 1 after the requeue
-    assert (out / "logs" / "slurm" / f"job{job_id}-restart0.log").exists()
-    assert (out / "logs" / "slurm" / f"job{job_id}-restart1.log").exists()
-    assert _job_field(cluster, job_id, "Restarts") == "1"
-    assert _job_field(cluster, job_id, "JobState") == "COMPLETED"
-    assert _losses(out) == reference  # same final step, same loss at every step
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def test_two_nodes_find_each_other_and_train(cluster, pretrain_runs):
+    end, job_id, run, log = pretrain_runs["ref"]
+    assert end == ("COMPLETED", 0), log
+    assert "nodes: 2 (n[1-2])  tasks per node: 1  world size: 2" in log
+    assert "starting fresh; 2 rank(s)" in log  # both srun tasks joined one 2-rank process group
+    assert RUN_HEADER.findall(log) == ["unset"] and "training finished (exit 0)" in log
+    assert sorted(_curves(run)["loss"]) == list(range(1, STEPS + 1))
+    assert (run / "export" / "discriminator" / "config.json").is_file()
+    assert (_job_field(cluster, job_id, "JobState"), _job_field(cluster, job_id, "Restarts")) == (
+        "COMPLETED",
+        "0",
+    )
+
+
+def test_preemption_checkpoints_requeues_and_resumes_identically(cluster, pretrain_runs):
+    end, job_id, run, log = pretrain_runs["pre"]
+    assert end == ("COMPLETED", 0), log
+    stopped = re.search(r"stop signal: checkpoint \S+/step_(\d+) saved", log)
+    assert stopped and 3 <= int(stopped.group(1)) < STEPS, log
+    step = stopped.group(1)
+    assert "exit 75); requeueing job" in log
+    assert f"resuming from {run}/checkpoints/step_{step} (step {step}); 2 rank(s)" in log
+    # SLURM_RESTART_COUNT is unset on the first run and 1 after the requeue; one log per restart
+    assert RUN_HEADER.findall(log) == ["unset", "1"], log
+    assert [p.name for p in sorted((run / "logs" / "slurm").glob("*.log"))] == [
+        f"job{job_id}-restart0.log",
+        f"job{job_id}-restart1.log",
+    ]
+    assert (_job_field(cluster, job_id, "JobState"), _job_field(cluster, job_id, "Restarts")) == (
+        "COMPLETED",
+        "1",
+    )
+    # same final step and the same losses, bit for bit, as the run that was never interrupted
+    assert _curves(run) == _curves(pretrain_runs["ref"][2])
 
 
 def test_crash_is_retried_a_bounded_number_of_times(cluster, tmp_path):
-    env = _job_env(cluster, tmp_path / "run", MAX_CRASH_RETRIES="1")
-    job = _sbatch(cluster, env, tmp_path / "job.out", "--standin.fail")
-    stdout, _ = job.communicate(timeout=120)
+    # rank 1 is SIGKILLed (think OOM killer) while rank 0 hangs: srun --wait ends rank 0, the job is
+    # requeued once (MAX_CRASH_RETRIES=1), crashes again and then fails instead of looping
+    job_id = _sbatch(
+        cluster,
+        tmp_path / "job.out",
+        ["--kill-rank", "1"],
+        TRAIN_SCRIPT="tests/slurm/crash_rank.py",
+        OUTPUT=str(tmp_path / "run"),
+        MAX_CRASH_RETRIES="1",
+        SRUN_WAIT="3",
+    )
+    state, exit_code = _wait(cluster, job_id, timeout=120)
     log = (tmp_path / "job.out").read_text()
-    assert job.returncode == 3, log  # sbatch --wait returns the job's exit code: the crash's, not 75
+    assert state == "FAILED" and exit_code not in (0, 75), log
     assert "crash retry 1 of 1" in log and "giving up" in log
-    assert re.findall(r"=== alectra pretrain: job \d+ restart (\S+)", log) == ["unset", "1"]
-    assert _job_field(cluster, stdout.strip(), "JobState") == "FAILED"
+    assert RUN_HEADER.findall(log) == ["unset", "1"]
+    assert _job_field(cluster, job_id, "Restarts") == "1"
+
+
+def test_configuration_error_is_not_requeued(cluster, tmp_path):
+    job_id = _sbatch(
+        cluster,
+        tmp_path / "job.out",
+        ["--exit-code", "2"],
+        TRAIN_SCRIPT="tests/slurm/crash_rank.py",
+        OUTPUT=str(tmp_path / "run"),
+    )
+    end = _wait(cluster, job_id, timeout=60)
+    log = (tmp_path / "job.out").read_text()
+    assert end == ("FAILED", 2), log
+    assert "configuration error (exit 2" in log and RUN_HEADER.findall(log) == ["unset"], log
 
 
 def test_template_rejects_missing_config_with_one_line(cluster, tmp_path):
-    env = _job_env(cluster, tmp_path / "run", CONFIG="configs/no-such.yaml")
-    job = _sbatch(cluster, env, tmp_path / "job.out")
-    job.communicate(timeout=60)
-    assert job.returncode == 2
+    job_id = _sbatch(cluster, tmp_path / "job.out", [], CONFIG="configs/no-such.yaml")
+    assert _wait(cluster, job_id, timeout=60) == ("FAILED", 2)
     assert (
         tmp_path / "job.out"
     ).read_text().strip() == "pretrain.sh: error: CONFIG=configs/no-such.yaml not found"
 
 
-def test_sbatch_outside_slurm_refuses(tmp_path):
+def test_pretrain_template_outside_slurm_refuses():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", "slurm/pretrain.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "pretrain.sh: error: run this with sbatch (SLURM_JOB_ID is not set)"
+
+
+def test_preprocess_job_array_and_merge_match_one_process(cluster, demo_data, tmp_path):
+    build = [
+        "--demo",
+        "--max-documents",
+        "120",
+        "--docs-per-shard",
+        "30",
+        "--tokenizer",
+        str(demo_data / "tokenizer"),
+    ]
+    single = tmp_path / "single"
+    local = subprocess.Popen(  # the one-process reference, built while the array runs
+        [sys.executable, "-m", "data_prep", "build", *build, "--output-dir", str(single), "--no-progress"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
+    out = tmp_path / "array"
+    submit = subprocess.run(
+        ["bash", "slurm/preprocess.sh", *build, "--output-dir", str(out)],
+        cwd=REPO,
+        env={**cluster.env, "SHARDS": "2", "CPUS_PER_TASK": "1", "TIME": "10", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    merge_id = re.search(r"merge job: (\d+)", submit.stdout).group(1)
+    end = _wait(cluster, merge_id, timeout=90)
+    assert end == ("COMPLETED", 0), _read(out / "slurm-logs" / f"merge-{merge_id}.out")
+    assert local.wait(timeout=60) == 0
+    assert len(list(out.glob("slurm-logs/build-*_*.out"))) == 2  # two array tasks built the parts
+    shards = sorted(p.name for p in single.glob("shard_*.bin"))
+    assert len(shards) == 4 and sorted(p.name for p in out.glob("shard_*.bin")) == shards
+    for name in shards:  # byte-identical to the one-process build
+        assert (out / name).read_bytes() == (single / name).read_bytes()
+    assert (out / "manifest.json").is_file()
