@@ -160,6 +160,9 @@ def main() -> None:
             f"{rss:>14.0f}{b_wall / wall:>8.2f}x"
         )
     for size in args.rss_sizes:
+        if size == args.size_mb:  # the 1-worker run above already measured this size
+            print(f"peak RSS, 1 worker, {mb:,.0f} MB corpus: {rows[1][3]:,.0f} MiB ({rows[1][2]:,.1f} s)")
+            continue
         c = work / f"corpus_{size:g}MB.jsonl"
         if not c.exists():
             make_corpus(c, size)
