@@ -272,7 +272,7 @@ def build(cfg: BuildConfig, source: Source) -> dict | None:
                 collect(_write_shard(str(out), chunk, record_extra))
                 continue
             pending.append(pool.apply_async(_write_shard, (str(out), chunk, record_extra)))
-            while len(pending) >= 2 * cfg.workers:  # bound memory: at most 2 chunks per worker in flight
+            while len(pending) > cfg.workers:  # bound memory: one chunk per worker plus one queued
                 collect(pending.popleft().get())
         while pending:
             collect(pending.popleft().get())

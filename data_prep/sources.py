@@ -150,8 +150,8 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
         if suffix == ".zst":
             import zstandard
 
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))  # noqa: SIM115
-        return open(path, "rb")  # noqa: SIM115
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
+        return open(path, "rb")
     except OSError as e:
         raise DataPrepError(f"{path}: cannot read ({e.strerror or e}); check the path and permissions") from e
 

@@ -146,7 +146,7 @@ class IndexedDatasetWriter:
         if self.dtype not in _CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no Megatron dtype code")
         self._tmp_bin = self.prefix + ".bin.tmp"
-        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115 -- closed in finish()
+        self._bin = open(self._tmp_bin, "wb")  # closed in finish() or abort()
         self._bin_hash = hashlib.sha256()
         self._lengths: list[np.ndarray] = []
         self._doc_idx: list[int] = [0]
