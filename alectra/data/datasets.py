@@ -85,7 +85,7 @@ class ElectraDataset(torch.utils.data.Dataset):
         return self.ids[r]
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+        return self.pool.example(int(self._plan_ids(np.array([i], dtype=np.int64))[0]))
 
     def __getitems__(self, indices: list[int]) -> dict[str, np.ndarray]:
         """A whole batch at once (torch's DataLoader calls this with the sampler's indices)."""
