@@ -102,3 +102,13 @@ def test_bad_input_raises_one_clear_error():
         rtd_loss(logits, labels, mask.long())
     with pytest.raises(ValueError, match="1-D"):
         rtd_loss(logits.view(2, 5), labels.view(2, 5), mask.view(2, 5))
+
+
+def test_retain_graph_backward_twice():
+    logits, labels, mask = _inputs(100, torch.float32, seed=2)
+    x = logits.clone().requires_grad_(True)
+    loss = rtd_loss(x, labels, mask)[0]
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first, atol=1e-8, rtol=1e-6)

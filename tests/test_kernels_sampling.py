@@ -228,3 +228,23 @@ def test_bad_input_raises_one_clear_error():
         sample_and_cross_entropy(logits, targets, seed=0, positions=targets)
     with pytest.raises(ValueError, match="2-D float"):
         sample_and_cross_entropy(logits[0], targets, seed=0)
+
+
+def test_retain_graph_backward_twice_and_int32_targets():
+    logits, targets = _inputs(3, 50, torch.float32, seed=4)
+    x = logits.clone().requires_grad_(True)
+    loss = sample_and_cross_entropy(x, targets.to(torch.int32), seed=1)[0]
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()  # the stored gradient must not have been rescaled in place by the first backward
+    torch.testing.assert_close(x.grad, 2 * first, atol=1e-8, rtol=1e-6)
+    ref = _run(sample_and_cross_entropy_reference, logits, targets, seed=1)
+    torch.testing.assert_close(first, ref[3], atol=1e-8, rtol=1e-5)
+
+
+def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    from kernels._device import check_triton_device
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="use_triton=False"):
+        check_triton_device(torch.zeros(1), "sample_and_cross_entropy")
