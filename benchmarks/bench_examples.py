@@ -114,10 +114,8 @@ def main() -> None:
         plan_shard(
             np.asarray(ds.lengths), np.asarray(ds.doc_idx), args.max_seq_length, np.random.default_rng(k)
         )
-    n_seq = sum(len(ds) for ds in pool.shards)
-    print(
-        f"planning (once per data/seed/length, then cached): {n_seq / (time.process_time() - t):,.0f} sentences/s"
-    )
+    rate = sum(len(ds) for ds in pool.shards) / (time.process_time() - t)
+    print(f"planning (once per data/seed/length, then cached): {rate:,.0f} sentences/s")
 
 
 if __name__ == "__main__":
