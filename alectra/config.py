@@ -108,7 +108,7 @@ class TrainSection:
 
     steps: int = 300
     """Optimizer steps of the whole run (the reference's num_train_steps)."""
-    global_batch_size: int = 32
+    global_batch_size: int = 16
     """Sequences per optimizer step over all ranks = micro_batch_size x grad-accum x data-parallel size."""
     micro_batch_size: int = 16
     """Sequences per forward pass per rank; gradient accumulation = global / (micro x data-parallel size)."""

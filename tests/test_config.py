@@ -140,7 +140,7 @@ def test_precision_on_gpus():
     ("change", "hw_dp", "message"),
     [
         ({}, 3, "not a multiple of train.micro_batch_size=16 x data-parallel size=3"),
-        ({"train_batch_size": 64}, 1, "train_batch_size=64 disagrees with the run config (32)"),
+        ({"train_batch_size": 64}, 1, "train_batch_size=64 disagrees with the run config (16)"),
         ({"optimizer": {"type": "Adam"}}, 1, "has an 'optimizer' block; remove it"),
         ({"zero_optimization": {"stage": 2}, "_lamb": True}, 1, "lamb needs zero_optimization.stage 0"),
         ({"zero_optimization": {"stage": 0}}, 1, "stage 0 with adamw"),

@@ -255,20 +255,10 @@ def test_nonfinite_losses_are_skipped_then_stop_with_last_good_checkpoint(demo, 
 
 
 def test_default_command_with_deepspeed_launcher(tmp_path):
-    """The README command, from an empty folder, with only the step count lowered: builds the demo data,
-    trains, checkpoints, exports and says where."""
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
-        "1",
-        str(PRETRAIN),
-        "--deepspeed",
-        "ds_configs/zero2.json",
-        "--train.steps",
-        "2",
-        "--logging.eval_batches",
-        "1",
-    ]
+    """The README command, from an empty folder, with the step count and the demo corpus lowered: builds
+    the demo data, trains, checkpoints, exports and says where."""
+    cmd = ["deepspeed", str(PRETRAIN), "--deepspeed", "ds_configs/zero2.json"]
+    cmd += ["--train.steps", "2", "--logging.eval_batches", "1", "--data.demo_max_documents", "300"]
     shutil.copytree(ROOT / "ds_configs", tmp_path / "ds_configs")
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
     output = proc.stdout + proc.stderr

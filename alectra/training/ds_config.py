@@ -9,6 +9,7 @@ schedule are built in alectra.training.optim, so a JSON `optimizer`/`scheduler` 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -142,6 +143,8 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
         _fill(section, "enabled", enabled, f"{name}.enabled")
         _fill(section, "output_path", logs, f"{name}.output_path")
         _fill(section, "job_name", "train", f"{name}.job_name")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb=true needs the wandb package: pip install wandb (or set it false)")
     wandb = ds.setdefault("wandb", {})
     _fill(wandb, "enabled", cfg.logging.wandb, "wandb.enabled")
     _fill(wandb, "project", cfg.logging.wandb_project, "wandb.project")

@@ -256,6 +256,12 @@ class Trainer:
         return float(getattr(self.engine.optimizer, "loss_scale", 1.0))
 
     def close(self) -> None:
-        """Restore signal handlers and close the progress bar."""
+        """Restore signal handlers, close the progress bar, release the engine and the process group.
+
+        Without the explicit teardown a ZeRO-3 rank can abort at interpreter exit ("terminate called without
+        an active exception") while DeepSpeed's helper threads and gloo are destroyed in arbitrary order."""
         self.stop.close()
         self.reporter.close()
+        self.engine.destroy()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
