@@ -80,14 +80,10 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
         special_token_ids=metadata["special_token_ids"],
     )
     _load_weights(model, _read_fp32_state_dict(checkpoints_dir, tag), source=checkpoints_dir / tag)
-    out_dir = Path(out_dir)
-    model.save_pretrained_parts(out_dir)
     tokenizer_dir = checkpoints_dir / TOKENIZER_SUBDIR
-    if tokenizer_dir.is_dir():
-        files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()]
-        for part in ("discriminator", "generator"):
-            _copy_files(files, out_dir / part)
-    return out_dir
+    files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()] if tokenizer_dir.is_dir() else []
+    model.save_pretrained_parts(out_dir, extra_files=files)
+    return Path(out_dir)
 
 
 def _resolve_checkpoint(path: Path) -> tuple[Path, str]:

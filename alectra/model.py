@@ -26,7 +26,7 @@ import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -343,17 +343,24 @@ class ElectraPretrainingModel(nn.Module):
             total += 2 * dense + 4 * L * seq_len * H
         return 3.0 * total
 
-    def save_pretrained_parts(self, out_dir: str | os.PathLike) -> None:
+    def save_pretrained_parts(self, out_dir: str | os.PathLike, *, extra_files: Sequence[Path] = ()) -> None:
         """Write `out_dir/discriminator/` (token classification) and `out_dir/generator/` (masked LM) as
-        safetensors folders, each with its own full copy of the shared embeddings; each folder is written
-        under a temporary name and renamed when complete."""
+        safetensors folders, each with its own full copy of the shared embeddings and a copy of every file in
+        `extra_files` (e.g. the tokenizer's); each folder is written under a temporary name and renamed when
+        complete."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in ("discriminator", "generator"):
             # deepcopy of one network copies the shared module into a private one; the generator keeps
             # its output layer tied to its (copied) word embeddings, which HF re-ties on load.
             network = copy.deepcopy(getattr(self, name)).to(torch.float32).cpu()
-            write_dir_atomically(out_dir / name, lambda tmp, net=network: net.save_pretrained(tmp))
+
+            def write(tmp: Path, network: nn.Module = network) -> None:
+                network.save_pretrained(tmp)
+                for f in extra_files:
+                    shutil.copy2(f, tmp / Path(f).name)
+
+            write_dir_atomically(out_dir / name, write)
 
 
 def sample_and_cross_entropy_native(

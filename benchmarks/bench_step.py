@@ -84,9 +84,8 @@ class NaiveBaseline:
         disc_ids = ids.clone()
         disc_ids[masked.masked] = samples
         replaced = (disc_ids != ids).float()
-        disc_logits = self.discriminator(disc_ids, attention_mask, token_type_ids).logits.squeeze(
-            -1
-        )  # (B, T)
+        disc_logits = self.discriminator(disc_ids, attention_mask, token_type_ids).logits  # (B, T[, 1])
+        disc_logits = disc_logits.view(ids.shape)  # (B, T)
         per_token = F.binary_cross_entropy_with_logits(disc_logits, replaced, reduction="none")
         disc_loss = (per_token * attention_mask).sum() / attention_mask.sum()
         loss = gen_loss + self.config.disc_weight * disc_loss
