@@ -57,6 +57,19 @@ readonly EXIT_USAGE=2     # pretrain.py's bad-configuration exit (and argparse's
 
 die() { echo "pretrain.sh: error: $*" >&2; exit 2; }
 
+# Installed first so that a signal arriving during setup is not lost (USR1's default action would end
+# the script): before srun starts it only marks the stop; afterwards it goes to the ranks.
+SRUN_PID=
+STOP_REQUESTED=
+RUN_LOG=/dev/null
+forward_stop() {
+  echo "pretrain.sh: got SIG$1 at $(date -u +%FT%TZ); asking the ranks to checkpoint and stop" | tee -a "$RUN_LOG"
+  STOP_REQUESTED=1
+  [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
+}
+trap 'forward_stop USR1' USR1
+trap 'forward_stop TERM' TERM
+
 [ -n "${SLURM_JOB_ID:-}" ] || die "run this with sbatch (SLURM_JOB_ID is not set)"
 ALECTRA_DIR=${ALECTRA_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$ALECTRA_DIR" || die "ALECTRA_DIR=$ALECTRA_DIR is not a directory"
@@ -66,6 +79,8 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 CONFIG=${CONFIG:-}
 DATA=${DATA:-}
 OUTPUT=${OUTPUT:-runs/${SLURM_JOB_NAME:-alectra}-${SLURM_JOB_ID}}
+# one OpenMP/MKL thread pool per rank sized to its CPUs, not to the whole node
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 MAX_RESTARTS=${MAX_RESTARTS:-50}
 MAX_CRASH_RETRIES=${MAX_CRASH_RETRIES:-2}
 SRUN_WAIT=${SRUN_WAIT:-120}
@@ -104,27 +119,22 @@ SRUN=(srun --nodes="$NODES" --ntasks="$NTASKS" --ntasks-per-node="$TASKS_PER_NOD
   echo "log of this run: $RUN_LOG"
 } | tee -a "$RUN_LOG"
 
-# ---- launch, forwarding preemption signals to the step ----
-SRUN_PID=
-PENDING_STOP=
-forward_stop() {
-  echo "pretrain.sh: got SIG$1 at $(date -u +%FT%TZ); asking the ranks to checkpoint and stop" | tee -a "$RUN_LOG"
-  if [ -n "$SRUN_PID" ]; then kill -USR1 "$SRUN_PID" 2>/dev/null; else PENDING_STOP=1; fi
-}
-trap 'forward_stop USR1' USR1
-trap 'forward_stop TERM' TERM
-
-"${SRUN[@]}" "${CMD[@]}" > >(tee -a "$RUN_LOG") 2>&1 &
-SRUN_PID=$!
-[ -n "$PENDING_STOP" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
-# `wait` returns early (status > 128) whenever a trapped signal arrives; keep waiting until srun is gone.
-rc=0
-wait "$SRUN_PID" || rc=$?
-while kill -0 "$SRUN_PID" 2>/dev/null; do
+# ---- launch; the traps above forward preemption signals to the step ----
+if [ -n "$STOP_REQUESTED" ]; then
+  rc=$EXIT_REQUEUE  # stopped before training started: nothing new to save, just requeue
+else
+  "${SRUN[@]}" "${CMD[@]}" > >(tee -a "$RUN_LOG") 2>&1 &
+  SRUN_PID=$!
+  # `wait` returns early (status > 128) whenever a trapped signal arrives; wait until srun is gone.
   rc=0
   wait "$SRUN_PID" || rc=$?
-done
-trap - USR1 TERM
+  while kill -0 "$SRUN_PID" 2>/dev/null; do
+    rc=0
+    wait "$SRUN_PID" || rc=$?
+  done
+fi
+# From here on a late USR1/TERM must not kill the script before it has requeued or reported.
+trap '' USR1 TERM
 
 requeue() {
   echo "pretrain.sh: $1; requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)) of at most $MAX_RESTARTS)" | tee -a "$RUN_LOG"

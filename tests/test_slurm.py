@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from alectra.distributed import expand_nodelist
 from tests.slurm.cluster import SlurmCluster, slurm_available
 
 pytestmark = [
@@ -198,6 +199,23 @@ def test_template_rejects_missing_config_with_one_line(cluster, tmp_path):
     assert (
         tmp_path / "job.out"
     ).read_text().strip() == "pretrain.sh: error: CONFIG=configs/no-such.yaml not found"
+
+
+@pytest.mark.parametrize(
+    "nodelist",
+    [
+        "gpu[01-03,07]",
+        "n[1-2],login5",
+        "a[1-2]-b[3-4]",
+        "n[8-10],x[008-010]",
+        "rack[1-2]n[01,03],c",
+        "n[1-3,5-6]",
+    ],
+)
+def test_python_nodelist_expansion_matches_scontrol(cluster, nodelist):
+    assert (
+        expand_nodelist(nodelist) == cluster.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
+    )
 
 
 def test_pretrain_template_outside_slurm_refuses():
