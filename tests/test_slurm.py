@@ -5,7 +5,6 @@ gives the dataset a single process builds. Skipped where the SLURM daemons are n
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -216,13 +215,6 @@ def test_python_nodelist_expansion_matches_scontrol(cluster, nodelist):
     assert (
         expand_nodelist(nodelist) == cluster.run(["scontrol", "show", "hostnames", nodelist]).stdout.split()
     )
-
-
-def test_pretrain_template_outside_slurm_refuses():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    proc = subprocess.run(["bash", "slurm/pretrain.sh"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == "pretrain.sh: error: run this with sbatch (SLURM_JOB_ID is not set)"
 
 
 def test_preprocess_job_array_and_merge_match_one_process(cluster, demo_data, tmp_path):
