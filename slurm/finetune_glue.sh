@@ -25,7 +25,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
 #SBATCH --open-mode=append
-#SBATCH --output=slurm-%x-%A_%a.out
+#SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
 die() { echo "finetune_glue.sh: error: $*" >&2; exit 2; }
