@@ -7,14 +7,14 @@ launcher started the process, and never overrides a variable that is already set
 
 - torchrun / `deepspeed` launcher / anything that exports `RANK` + `WORLD_SIZE`: left alone.
 - OpenMPI `mpirun` (`OMPI_COMM_WORLD_*`) or a PMI launcher (`PMI_RANK`/`PMI_SIZE`: MPICH, Intel MPI,
-  `srun --mpi=pmi2`): rank and size from those; rank 0's host name is broadcast with mpi4py, as DeepSpeed's
-  `mpi_discovery` does, but by name rather than the first address of `hostname -I` (which is often a
-  docker or management interface on multi-homed nodes).
+  `srun --mpi=pmi2`): rank and size from those; rank 0's host name and a port free on it are broadcast
+  with mpi4py, as DeepSpeed's `mpi_discovery` does, but by name rather than the first address of
+  `hostname -I` (often a docker or management interface on multi-homed nodes).
 - `srun` (`SLURM_PROCID`, `SLURM_LOCALID`, `SLURM_NTASKS` of a job step): the master is the first host of
   the step's node list, where SLURM places task 0 under its block and cyclic distributions.
 
-The master port, when unset, is derived from the job id (and step id), so every rank computes the same
-value without communicating and two jobs sharing a node do not collide.
+Under srun the master port, when unset, is derived from the job id (and step id), so every rank computes
+the same value without communicating and two jobs sharing a node do not collide.
 
 Also a small CLI used by the sbatch templates:
     python -m alectra.distributed hostnames 'gpu[01-03,07]'
@@ -40,7 +40,7 @@ from pathlib import Path
 # rendezvous port is not taken by some outgoing connection; it includes torch's default 29500.
 _PORT_BASE = 20000
 _PORT_SPAN = 10000
-_DEFAULT_PORT = 29500  # torch.distributed / DeepSpeed default, used when there is no job id
+_DEFAULT_PORT = 29500  # torch.distributed / DeepSpeed default: RANK/WORLD_SIZE/MASTER_ADDR given, no port
 
 LAUNCHERS = ("torchrun", "deepspeed", "env", "mpi", "slurm", "single")
 _REQUIRED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -245,7 +245,7 @@ def free_port() -> int:
     """A TCP port free on this host right now. Enough for a one-process group, whose rendezvous nobody
     else needs to find: a fixed 29500 fails with EADDRINUSE whenever another job on the node uses it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))  # all interfaces, as torch's TCPStore server binds
         return sock.getsockname()[1]
 
 
@@ -295,20 +295,6 @@ def _first_int(environ: Mapping[str, str], names: Sequence[str]) -> int | None:
     return None
 
 
-def _mpi_job_key(environ: Mapping[str, str]) -> str | None:
-    """An identifier shared by all ranks of one mpirun, for a deterministic port."""
-    for name in (
-        "SLURM_JOB_ID",
-        "PMIX_NAMESPACE",
-        "OMPI_MCA_orte_hnp_uri",
-        "OMPI_MCA_ess_base_jobid",
-        "PMI_ID",
-    ):
-        if environ.get(name):
-            return environ[name]
-    return None
-
-
 class _Mpi:
     """The few mpi4py calls discovery needs, imported only when an MPI launcher is detected (importing
     mpi4py calls MPI_Init)."""
@@ -354,7 +340,11 @@ def _discover_explicit(environ: Mapping[str, str]) -> DistEnv:
 
 
 def _discover_mpi(environ: Mapping[str, str], mpi_factory: Callable[[], _Mpi]) -> DistEnv:
-    """OpenMPI (OMPI_COMM_WORLD_*) or PMI (PMI_RANK/PMI_SIZE: MPICH hydra, Intel MPI, srun --mpi=pmi2)."""
+    """OpenMPI (OMPI_COMM_WORLD_*) or PMI (PMI_RANK/PMI_SIZE: MPICH hydra, Intel MPI, srun --mpi=pmi2).
+
+    MPI can talk before torch.distributed exists, so rank 0 broadcasts its host name and a port that is
+    free on its host right now, instead of every rank guessing (MPICH exports no job id all ranks share).
+    """
     if "OMPI_COMM_WORLD_RANK" in environ:
         rank = _int_env(environ, "OMPI_COMM_WORLD_RANK")
         world_size = _int_env(environ, "OMPI_COMM_WORLD_SIZE")
@@ -365,27 +355,23 @@ def _discover_mpi(environ: Mapping[str, str], mpi_factory: Callable[[], _Mpi]) -
         environ,
         ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"),
     )
-    mpi = None
-    need_addr = world_size > 1 and "MASTER_ADDR" not in environ
-    if local_rank is None or need_addr:
-        mpi = mpi_factory()
+    given_addr, given_port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
+    need_rendezvous = world_size > 1 and (given_addr is None or given_port is None)
+    mpi = mpi_factory() if world_size > 1 and (local_rank is None or need_rendezvous) else None
     if local_rank is None:
-        local_rank = mpi.local_rank() if mpi is not None and world_size > 1 else 0
-    if need_addr:
-        master_addr = str(mpi.bcast_from_root(socket.gethostname() if rank == 0 else None))
+        local_rank = mpi.local_rank() if mpi is not None else 0
+    if need_rendezvous:
+        master_addr, master_port = mpi.bcast_from_root(
+            (socket.gethostname(), free_port()) if rank == 0 else None
+        )
     else:
-        master_addr = environ.get("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" in environ:
-        master_port = _int_env(environ, "MASTER_PORT")
-    else:
-        key = _mpi_job_key(environ)
-        master_port = master_port_for_job(key) if key else (_DEFAULT_PORT if world_size > 1 else free_port())
+        master_addr, master_port = "127.0.0.1", free_port()  # one process: nobody else needs to find it
     return DistEnv(
         rank=rank,
         local_rank=local_rank,
         world_size=world_size,
-        master_addr=master_addr,
-        master_port=master_port,
+        master_addr=given_addr or master_addr,
+        master_port=_int_env(environ, "MASTER_PORT") if given_port is not None else master_port,
         launcher="mpi",
     )
 

@@ -139,13 +139,13 @@ def test_openmpi_with_given_master_needs_no_mpi_init():
         "OMPI_COMM_WORLD_SIZE": "4",
         "OMPI_COMM_WORLD_LOCAL_RANK": "0",
         "MASTER_ADDR": "head",
-        "PMIX_NAMESPACE": "prterun-vm-123@1",
+        "MASTER_PORT": "23456",
         # mpirun inside an allocation: these describe the daemon step, not the ranks
         **_srun_env(0, 0, ntasks=2),
     }
     dist_env = discover(env, mpi_factory=_no_mpi)
     assert (dist_env.rank, dist_env.local_rank, dist_env.world_size, dist_env.launcher) == (2, 0, 4, "mpi")
-    assert dist_env.master_port == master_port_for_job("4242")
+    assert (dist_env.master_addr, dist_env.master_port) == ("head", 23456)
 
 
 def test_srun_pmi2_uses_slurm_without_mpi_init():
@@ -209,3 +209,9 @@ def test_single_process_gets_a_free_port_not_29500():
         assert dist_env.master_port != 29500
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", dist_env.master_port))  # free right now
+
+
+def test_single_rank_mpirun_needs_no_mpi_init():
+    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}
+    dist_env = discover(env, mpi_factory=_no_mpi)
+    assert (dist_env.world_size, dist_env.local_rank, dist_env.launcher) == (1, 0, "mpi")
