@@ -10,7 +10,8 @@
 # Arguments after the script name are passed to alectra/pretrain.py as config overrides.
 # Every rank finds RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from its srun task
 # (alectra.distributed.init_distributed_env): the master is the first host of the node list, the port
-# is derived from the job id. Set MASTER_ADDR / MASTER_PORT here to override.
+# is derived from the job id (LAUNCHER=mpirun: from MPI, rank 0's host and port broadcast with mpi4py).
+# Set MASTER_ADDR / MASTER_PORT here to override.
 #
 # Preemption and time limit: SLURM sends USR1 to this script 300 s before the limit (--signal=B:USR1@300)
 # and TERM to every process on preemption. The trap forwards USR1/TERM as USR1 to the training step (srun
@@ -32,6 +33,8 @@
 #   GPUS_PER_NODE      ranks per node                           (default: GPUs SLURM allocated; 0 -> CPU, 1 rank)
 #   MAX_RESTARTS       bound on requeues of any kind            (default: 50)
 #   MAX_CRASH_RETRIES  bound on requeues after a crash          (default: 2)
+#   LAUNCHER           srun (one task per rank) or mpirun (OpenMPI; ranks meet through mpi4py) (default: srun)
+#   MPIRUN_ARGS        extra mpirun options, e.g. "--mca btl_tcp_if_include ib0"
 #   SRUN_WAIT          seconds the other ranks may run on after one exits before srun kills them, so a
 #                      crashed rank does not leave its peers hanging in a collective (default: 120)
 #   NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME   network interface for NCCL / gloo (e.g. ib0, eth0, ^docker)
@@ -59,13 +62,13 @@ die() { echo "pretrain.sh: error: $*" >&2; exit 2; }
 
 # Installed first so that a signal arriving during setup is not lost (USR1's default action would end
 # the script): before srun starts it only marks the stop; afterwards it goes to the ranks.
-SRUN_PID=
+LAUNCH_PID=
 STOP_REQUESTED=
 RUN_LOG=/dev/null
 forward_stop() {
   echo "pretrain.sh: got SIG$1 at $(date -u +%FT%TZ); asking the ranks to checkpoint and stop" | tee -a "$RUN_LOG"
   STOP_REQUESTED=1
-  [ -n "$SRUN_PID" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
+  [ -n "$LAUNCH_PID" ] && kill -USR1 "$LAUNCH_PID" 2>/dev/null
 }
 trap 'forward_stop USR1' USR1
 trap 'forward_stop TERM' TERM
@@ -84,6 +87,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 MAX_RESTARTS=${MAX_RESTARTS:-50}
 MAX_CRASH_RETRIES=${MAX_CRASH_RETRIES:-2}
 SRUN_WAIT=${SRUN_WAIT:-120}
+LAUNCHER=${LAUNCHER:-srun}
+[ "$LAUNCHER" = srun ] || [ "$LAUNCHER" = mpirun ] || die "LAUNCHER=$LAUNCHER: choose srun or mpirun"
 [ -f "$TRAIN_SCRIPT" ] || die "TRAIN_SCRIPT=$TRAIN_SCRIPT not found in $ALECTRA_DIR (submit from the repository root or set ALECTRA_DIR)"
 [ -f "$DS_CONFIG" ] || die "DS_CONFIG=$DS_CONFIG not found"
 [ -z "$CONFIG" ] || [ -f "$CONFIG" ] || die "CONFIG=$CONFIG not found"
@@ -107,13 +112,21 @@ CMD=("$PYTHON" "$TRAIN_SCRIPT" --deepspeed "$DS_CONFIG")
 CMD+=(--output_dir "$OUTPUT")
 [ -n "$DATA" ] && CMD+=(--data.paths "[$DATA]")
 CMD+=("$@")
-SRUN=(srun --nodes="$NODES" --ntasks="$NTASKS" --ntasks-per-node="$TASKS_PER_NODE" --wait="$SRUN_WAIT"
-      --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --export=ALL)
+case $LAUNCHER in
+  srun)
+    LAUNCH=(srun --nodes="$NODES" --ntasks="$NTASKS" --ntasks-per-node="$TASKS_PER_NODE" --wait="$SRUN_WAIT"
+            --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --export=ALL) ;;
+  mpirun)
+    # OpenMPI's mpirun reads the allocation from SLURM and starts its daemons with srun; the ranks find
+    # each other through mpi4py (alectra.distributed). It forwards USR1 to the ranks as srun does.
+    # shellcheck disable=SC2206  # MPIRUN_ARGS is a list of options, split on spaces on purpose
+    LAUNCH=(mpirun -np "$NTASKS" --map-by "ppr:$TASKS_PER_NODE:node" --bind-to none ${MPIRUN_ARGS:-}) ;;
+esac
 
 {
   echo "=== alectra pretrain: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-unset (first run)} on $(hostname) at $(date -u +%FT%TZ)"
   echo "nodes: $NODES ($SLURM_JOB_NODELIST)  tasks per node: $TASKS_PER_NODE  world size: $NTASKS"
-  echo "command: $(printf '%q ' "${SRUN[@]}" "${CMD[@]}")"
+  echo "command: $(printf '%q ' "${LAUNCH[@]}" "${CMD[@]}")"
   echo "environment:"
   env | grep -E '^(SLURM_(JOB_ID|JOB_NAME|JOB_NODELIST|JOB_NUM_NODES|RESTART_COUNT|SUBMIT_DIR|GPUS_ON_NODE|CPUS_PER_TASK)|MASTER_(ADDR|PORT)|NCCL_|GLOO_|TORCH_NCCL_|DEEPSPEED_TIMEOUT|CUDA_VISIBLE_DEVICES|OMP_NUM_THREADS|PYTHONPATH|CONFIG|DS_CONFIG|DATA|OUTPUT|MAX_RESTARTS|MAX_CRASH_RETRIES)=' | sort | sed 's/^/  /'
   echo "log of this run: $RUN_LOG"
@@ -123,14 +136,14 @@ SRUN=(srun --nodes="$NODES" --ntasks="$NTASKS" --ntasks-per-node="$TASKS_PER_NOD
 if [ -n "$STOP_REQUESTED" ]; then
   rc=$EXIT_REQUEUE  # stopped before training started: nothing new to save, just requeue
 else
-  "${SRUN[@]}" "${CMD[@]}" > >(tee -a "$RUN_LOG") 2>&1 &
-  SRUN_PID=$!
-  # `wait` returns early (status > 128) whenever a trapped signal arrives; wait until srun is gone.
+  "${LAUNCH[@]}" "${CMD[@]}" > >(tee -a "$RUN_LOG") 2>&1 &
+  LAUNCH_PID=$!
+  # `wait` returns early (status > 128) whenever a trapped signal arrives; wait until the launcher is gone.
   rc=0
-  wait "$SRUN_PID" || rc=$?
-  while kill -0 "$SRUN_PID" 2>/dev/null; do
+  wait "$LAUNCH_PID" || rc=$?
+  while kill -0 "$LAUNCH_PID" 2>/dev/null; do
     rc=0
-    wait "$SRUN_PID" || rc=$?
+    wait "$LAUNCH_PID" || rc=$?
   done
 fi
 # From here on a late USR1/TERM must not kill the script before it has requeued or reported.

@@ -102,20 +102,31 @@ def _curves(run: Path) -> dict[str, dict[int, str]]:
 
 @pytest.fixture(scope="module")
 def pretrain_runs(cluster, demo_data, tmp_path_factory):
-    """An uninterrupted 2-node run and the same run preempted mid-way, submitted together."""
+    """An uninterrupted 2-node run, the same run preempted mid-way, and the same run launched with mpirun
+    instead of srun, submitted together."""
     tmp = tmp_path_factory.mktemp("pretrain")
     ref_id = _sbatch(cluster, tmp / "ref.out", PRETRAIN_ARGS, DATA=str(demo_data), OUTPUT=str(tmp / "ref"))
     pre_id = _sbatch(cluster, tmp / "pre.out", PRETRAIN_ARGS, DATA=str(demo_data), OUTPUT=str(tmp / "pre"))
+    mpi_id = _sbatch(
+        cluster,
+        tmp / "mpi.out",
+        PRETRAIN_ARGS,
+        DATA=str(demo_data),
+        OUTPUT=str(tmp / "mpi"),
+        LAUNCHER="mpirun",
+        OMPI_ALLOW_RUN_AS_ROOT="1",  # the test cluster runs jobs as root
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+    )
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline and "train step 3:" not in _read(tmp / "pre.out"):
         time.sleep(0.2)
     # --batch: only the batch shell, like --signal=B:USR1@T does; its trap forwards USR1 to the ranks
     cluster.run(["scancel", "--batch", "--signal=USR1", pre_id])
-    ref_end, pre_end = _wait(cluster, ref_id), _wait(cluster, pre_id)
-    return {
-        "ref": (ref_end, ref_id, tmp / "ref", _read(tmp / "ref.out")),
-        "pre": (pre_end, pre_id, tmp / "pre", _read(tmp / "pre.out")),
+    ends = {
+        name: _wait(cluster, job_id) for name, job_id in (("ref", ref_id), ("pre", pre_id), ("mpi", mpi_id))
     }
+    ids = {"ref": ref_id, "pre": pre_id, "mpi": mpi_id}
+    return {name: (ends[name], ids[name], tmp / name, _read(tmp / f"{name}.out")) for name in ids}
 
 
 def _read(path: Path) -> str:
@@ -156,6 +167,14 @@ def test_preemption_checkpoints_requeues_and_resumes_identically(cluster, pretra
     )
     # same final step and the same losses, bit for bit, as the run that was never interrupted
     assert _curves(run) == _curves(pretrain_runs["ref"][2])
+
+
+def test_mpirun_launcher_inside_the_allocation_trains_the_same_run(pretrain_runs):
+    end, _, run, log = pretrain_runs["mpi"]
+    assert end == ("COMPLETED", 0), log
+    assert "command: mpirun -np 2 --map-by ppr:1:node" in log
+    assert "starting fresh; 2 rank(s)" in log  # ranks met through mpi4py discovery, one per node
+    assert _curves(run) == _curves(pretrain_runs["ref"][2])  # the launcher does not change the math
 
 
 def test_crash_is_retried_a_bounded_number_of_times(cluster, tmp_path):
