@@ -87,6 +87,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 MAX_RESTARTS=${MAX_RESTARTS:-50}
 MAX_CRASH_RETRIES=${MAX_CRASH_RETRIES:-2}
 SRUN_WAIT=${SRUN_WAIT:-120}
+for var in MAX_RESTARTS MAX_CRASH_RETRIES SRUN_WAIT; do
+  [[ ${!var} =~ ^[0-9]+$ ]] || die "$var=${!var} must be a non-negative integer"
+done
 LAUNCHER=${LAUNCHER:-srun}
 [ "$LAUNCHER" = srun ] || [ "$LAUNCHER" = mpirun ] || die "LAUNCHER=$LAUNCHER: choose srun or mpirun"
 [ -f "$TRAIN_SCRIPT" ] || die "TRAIN_SCRIPT=$TRAIN_SCRIPT not found in $ALECTRA_DIR (submit from the repository root or set ALECTRA_DIR)"
@@ -97,6 +100,7 @@ LAUNCHER=${LAUNCHER:-srun}
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 GPUS_PER_NODE=${GPUS_PER_NODE:-0}
+[[ $GPUS_PER_NODE =~ ^[0-9]+$ ]] || die "GPUS_PER_NODE=$GPUS_PER_NODE must be a non-negative integer"
 TASKS_PER_NODE=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))
 NTASKS=$(( NODES * TASKS_PER_NODE ))
 
@@ -110,7 +114,8 @@ CRASH_FILE=$LOG_DIR/job${SLURM_JOB_ID}.crashes
 CMD=("$PYTHON" "$TRAIN_SCRIPT" --deepspeed "$DS_CONFIG")
 [ -n "$CONFIG" ] && CMD+=(--config "$CONFIG")
 CMD+=(--output_dir "$OUTPUT")
-[ -n "$DATA" ] && CMD+=(--data.paths "[$DATA]")
+# as a YAML list of quoted strings: "a,b" -> ["a","b"] (a path may hold ':' or spaces)
+[ -n "$DATA" ] && CMD+=(--data.paths "[\"${DATA//,/\",\"}\"]")
 CMD+=("$@")
 case $LAUNCHER in
   srun)
@@ -153,8 +158,7 @@ requeue() {
   echo "pretrain.sh: $1; requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)) of at most $MAX_RESTARTS)" | tee -a "$RUN_LOG"
   # The controller kills this script while requeueing it; reaching the next line means it refused
   # (e.g. the partition or slurm.conf forbids requeue).
-  scontrol requeue "$SLURM_JOB_ID"
-  sleep 60
+  scontrol requeue "$SLURM_JOB_ID" && sleep 60
   echo "pretrain.sh: scontrol requeue did not take effect; resubmit by hand with OUTPUT=$OUTPUT" | tee -a "$RUN_LOG"
   exit "$rc"
 }

@@ -51,3 +51,18 @@ def test_finetune_glue_needs_model():
     proc = _run("slurm/finetune_glue.sh")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("finetune_glue.sh: error: set MODEL to an export folder")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LAUNCHER": "ssh"}, "LAUNCHER=ssh: choose srun or mpirun"),
+        ({"GPUS_PER_NODE": "eight"}, "GPUS_PER_NODE=eight must be a non-negative integer"),
+        ({"MAX_CRASH_RETRIES": "-1"}, "MAX_CRASH_RETRIES=-1 must be a non-negative integer"),
+        ({"DS_CONFIG": "ds_configs/none.json"}, "DS_CONFIG=ds_configs/none.json not found"),
+    ],
+)
+def test_pretrain_rejects_bad_settings_before_launching(env, message, tmp_path):
+    # SLURM_JOB_ID as sbatch would set it; each check fires before any SLURM command runs
+    proc = _run("slurm/pretrain.sh", SLURM_JOB_ID="1", OUTPUT=str(tmp_path), **env)
+    assert (proc.returncode, proc.stderr.strip()) == (2, f"pretrain.sh: error: {message}")
