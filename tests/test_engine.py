@@ -155,7 +155,9 @@ def test_kill_sigterm_half_written_checkpoint_then_exact_resume(demo, reference,
     must be ignored, then a resume to the end: per-step losses equal the uninterrupted run bit for bit."""
     _, ref = reference
     out = tmp_path / "run"
-    args = run_args(demo, out, **{"logging.eval_every": 0, "checkpoint.keep_last": 5})
+    # A DataLoader worker process too: SLURM signals every process of the job step, workers included.
+    overrides = {"logging.eval_every": 0, "checkpoint.keep_last": 5, "data.num_workers": 1}
+    args = run_args(demo, out, **overrides)
     checkpoints = out / "checkpoints"
 
     proc = launch(args)
@@ -163,9 +165,9 @@ def test_kill_sigterm_half_written_checkpoint_then_exact_resume(demo, reference,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    proc = launch(args)
+    proc = launch(args, start_new_session=True)
     wait_for(lambda: 3 in _safe_losses(out), proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as SLURM does
     output = finish(proc, expect=EXIT_REQUEUE)
     assert "resuming from" in output and "step_2" in output
     stopped = int((checkpoints / "latest").read_text().removeprefix("step_"))
@@ -206,6 +208,19 @@ def test_resume_at_another_world_size_keeps_data_position(demo, reference, tmp_p
     assert sorted(got) == [5, 6]
     for step in (5, 6):
         assert got[step] == pytest.approx(ref[step], rel=1e-4)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signals_set_the_flag_and_handlers_are_restored(signum):
+    from alectra.training.signals import StopRequest
+
+    before = signal.getsignal(signum)
+    stop = StopRequest()
+    assert not stop.received
+    os.kill(os.getpid(), signum)
+    assert stop.received and stop.signum == signum
+    stop.close()
+    assert signal.getsignal(signum) == before
 
 
 def test_tokenizer_mismatch_is_a_clear_error(demo, tmp_path):

@@ -79,7 +79,8 @@ def dataset_paths(cfg: RunConfig) -> list[str]:
     from data_prep import prepare_demo
 
     def build() -> None:
-        log.info("building the demo dataset in %s (once; later runs reuse it)", cfg.data.demo_dir)
+        if not (Path(cfg.data.demo_dir) / "manifest.json").is_file():
+            log.info("building the demo dataset in %s (once; later runs reuse it)", cfg.data.demo_dir)
         prepare_demo(
             cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size, max_documents=cfg.data.demo_max_documents
         )

@@ -36,3 +36,11 @@ class StopRequest:
         """Restore the handlers that were installed before."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader worker_init_fn signature
+    """DataLoader `worker_init_fn`: workers ignore SIGTERM/SIGUSR1 so that the trainer, not the signal, ends
+    them. SLURM signals every process of the job step, and torch's workers otherwise die on SIGTERM
+    (`_set_worker_signal_handlers` re-raises it), which breaks the batch the trainer is waiting for."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -25,7 +25,7 @@ from alectra.config import RunConfig, config_to_dict
 from alectra.masking import derive_seed, step_seed
 from alectra.training.checkpoint import Checkpointer
 from alectra.training.metrics import MetricsReporter, MetricSums
-from alectra.training.signals import EXIT_OK, EXIT_REQUEUE, StopRequest
+from alectra.training.signals import EXIT_OK, EXIT_REQUEUE, StopRequest, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Trainer:
     def _loader(self, dataset: torch.utils.data.Dataset, consumed: int, workers: int):
         from alectra.data import build_dataloader
 
-        return build_dataloader(
+        loader = build_dataloader(
             dataset,
             micro_batch_size=self.cfg.train.micro_batch_size,
             consumed_samples=consumed,
@@ -116,6 +116,8 @@ class Trainer:
             dp_size=self.dp_size,
             num_workers=workers,
         )
+        loader.worker_init_fn = ignore_stop_signals
+        return loader
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
