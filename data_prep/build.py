@@ -409,3 +409,56 @@ class _progress:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
+
+
+def import_megatron(prefixes: list[str], tokenizer_name: str, out: Path, *, command: str = "") -> dict:
+    """Write a ``manifest.json`` in ``out`` for ``.bin``/``.idx`` pairs written by Megatron-LM's tools.
+
+    The shards stay where they are (the manifest holds their absolute prefixes). Megatron wraps every
+    sequence as ``[CLS] ... [SEP]``; that is detected from the first sequence and recorded, and the example
+    builder then drops those tokens before packing.
+    """
+    from alectra.data.indexed import IndexedDataset, file_sha256
+    from data_prep.tokenizer import load_tokenizer
+
+    tok_info = tokenizer_info(load_tokenizer(tokenizer_name), tokenizer_name)
+    special = tok_info["special_tokens"]
+    shards, wrapped = [], []
+    for prefix in prefixes:
+        prefix = str(Path(prefix).resolve()).removesuffix(".bin").removesuffix(".idx")
+        ds = IndexedDataset(prefix)
+        if len(ds):
+            top = ds[0]
+            wrapped.append(len(top) >= 2 and int(top[0]) == special["cls"] and int(top[-1]) == special["sep"])
+        if len(ds) and int(np.max(ds.tokens)) >= tok_info["vocab_size"]:
+            raise DataPrepError(
+                f"{prefix}: token ids beyond the vocabulary of {tokenizer_name!r}; wrong tokenizer?"
+            )
+        shards.append(
+            {
+                "prefix": prefix,
+                "sequences": len(ds),
+                "documents": ds.num_documents,
+                "tokens": ds.num_tokens,
+                "bin_sha256": file_sha256(prefix + ".bin"),
+                "idx_sha256": file_sha256(prefix + ".idx"),
+            }
+        )
+    if len(set(wrapped)) > 1:
+        raise DataPrepError(
+            "some shards wrap sequences in [CLS]/[SEP] and some do not; import them separately"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": FORMAT,
+        "tokenizer": tok_info,
+        "dtype": IndexedDataset(shards[0]["prefix"]).dtype.name if shards else "uint16",
+        "sentence_split": "unknown (Megatron-LM preprocess_data.py)",
+        "special_tokens_in_sequences": bool(wrapped and wrapped[0]),
+        "source": "megatron: " + ", ".join(s["prefix"] for s in shards),
+        "shards": shards,
+        "stats": {k: sum(s[k] for s in shards) for k in ("documents", "sequences", "tokens")},
+        "command": command,
+    }
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest

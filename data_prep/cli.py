@@ -115,6 +115,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_megatron(args: argparse.Namespace) -> int:
+    from data_prep.build import import_megatron
+
+    command = shlex.join(["python", "-m", "data_prep", *args.argv])
+    manifest = import_megatron(args.prefix, args.tokenizer, Path(args.output_dir), command=command)
+    wrapped = " ([CLS]/[SEP]-wrapped sequences)" if manifest["special_tokens_in_sequences"] else ""
+    print(f"wrote {Path(args.output_dir) / 'manifest.json'} ({len(manifest['shards'])} shards{wrapped})")
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from alectra.data.indexed import IndexedDataset, file_sha256
     from alectra.data.manifest import load_manifest
@@ -247,6 +257,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("dataset", help="dataset folder (with manifest.json)")
     v.set_defaults(func=cmd_verify)
+
+    g = sub.add_parser("import-megatron", help="write a manifest for shards made by Megatron-LM's tools")
+    g.add_argument("prefix", nargs="+", help="Megatron dataset prefixes (path without .bin/.idx)")
+    g.add_argument("--tokenizer", required=True, help="the tokenizer that made them (name or folder)")
+    g.add_argument("--output-dir", "-o", required=True, help="folder for manifest.json (and cached plans)")
+    g.set_defaults(func=cmd_import_megatron)
 
     m = sub.add_parser("merge", help="write manifest.json once all --num-shards jobs have finished")
     m.add_argument("output_dir", help="dataset folder the jobs wrote into")

@@ -275,3 +275,29 @@ def test_mpi_ranks_write_the_same_shards(tmp_path, tok_dir, jsonl):
     assert len(list((tmp_path / "mpi").glob("part_*.json"))) == 2  # both ranks took part
     assert shard_bytes(tmp_path / "mpi") == shard_bytes(tmp_path / "one")
     assert load_manifest(tmp_path / "mpi")["shards"] == load_manifest(tmp_path / "one")["shards"]
+
+
+def test_megatron_wrapped_shards_give_the_same_examples(tmp_path, tok_dir, jsonl):
+    from alectra.data import build_pretraining_datasets
+    from alectra.data.indexed import IndexedDatasetWriter
+
+    ours = tmp_path / "ours"
+    assert run_build("--input", jsonl, "--tokenizer", tok_dir, "-o", ours, "--docs-per-shard", 100) == 0
+    m = load_manifest(ours)
+    cls, sep = m["tokenizer"]["special_tokens"]["cls"], m["tokenizer"]["special_tokens"]["sep"]
+    prefixes = []
+    for s in m["shards"]:  # what Megatron's preprocess_data.py writes: every sentence as [CLS] ... [SEP]
+        ds = IndexedDataset(ours / s["prefix"])
+        w = IndexedDatasetWriter(tmp_path / f"meg_{s['prefix']}", ds.dtype)
+        for d in range(ds.num_documents):
+            w.add_document([[cls, *seq.tolist(), sep] for seq in ds.document(d)])
+        w.finish()
+        prefixes.append(str(tmp_path / f"meg_{s['prefix']}"))
+    assert main(["import-megatron", *prefixes, "--tokenizer", tok_dir, "-o", str(tmp_path / "meg")]) == 0
+    assert load_manifest(tmp_path / "meg")["special_tokens_in_sequences"] is True
+    kw = dict(max_seq_length=64, seed=3, valid_fraction=0.0, num_train_samples=None)
+    a, _ = build_pretraining_datasets([str(ours)], None, **kw)
+    b, _ = build_pretraining_datasets([str(tmp_path / "meg")], None, **kw)
+    assert len(a) == len(b) > 100
+    for i in range(len(a)):
+        assert all((a[i][k] == b[i][k]).all() for k in a[i]), i

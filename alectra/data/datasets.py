@@ -27,13 +27,20 @@ class ExamplePool:
                     f"{s['sequences']} / {s['tokens']}; run `python -m data_prep verify {root}`"
                 )
         shard_ids = [s["bin_sha256"] for s in self.manifest["shards"]]
+        wrapped = bool(self.manifest.get("special_tokens_in_sequences", False))
         self.plan = load_or_build_plan(
-            self.shards, shard_ids, root / "plans", max_seq_length=max_seq_length, seed=seed
+            self.shards,
+            shard_ids,
+            root / "plans",
+            max_seq_length=max_seq_length,
+            seed=seed,
+            special_tokens_in_sequences=wrapped,
         )  # (E, 4)
         self.builder = ExampleBuilder(
             self.shards,
             max_seq_length=max_seq_length,
             special_tokens=self.manifest["tokenizer"]["special_tokens"],
+            strip_special_tokens=wrapped,
         )
         self._rows = self.plan.view(np.ndarray)  # (E, 4) same memory, without np.memmap's per-slice overhead
         n = len(self.plan)

@@ -86,22 +86,27 @@ def _plan_key(shard_ids: list[str], max_seq_length: int, seed: int) -> str:
 
 
 def load_or_build_plan(
-    shards: list[IndexedDataset], shard_ids: list[str], cache_dir: Path, *, max_seq_length: int, seed: int
+    shards: list[IndexedDataset],
+    shard_ids: list[str],
+    cache_dir: Path,
+    *,
+    max_seq_length: int,
+    seed: int,
+    special_tokens_in_sequences: bool = False,
 ) -> np.ndarray:
     """``(E, 4)`` int64 rows ``[shard, start, split, end]``, cached in ``cache_dir`` and memory-mapped.
 
     Each shard is planned with its own generator seeded by ``(seed, shard number)``.
     """
-    path = (
-        Path(cache_dir) / f"plan_{_plan_key(shard_ids, max_seq_length, seed)}_L{max_seq_length}_s{seed}.npy"
-    )
+    key = _plan_key([*shard_ids, f"specials={special_tokens_in_sequences}"], max_seq_length, seed)
+    path = Path(cache_dir) / f"plan_{key}_L{max_seq_length}_s{seed}.npy"
+    wrapped = 2 if special_tokens_in_sequences else 0  # [CLS] and [SEP] do not count towards the target
     if path.is_file():
         return np.load(path, mmap_mode="r")
     parts = []
     for k, ds in enumerate(shards):
-        rows = plan_shard(
-            np.asarray(ds.lengths), np.asarray(ds.doc_idx), max_seq_length, np.random.default_rng([seed, k])
-        )
+        lengths = np.maximum(np.asarray(ds.lengths) - wrapped, 0)
+        rows = plan_shard(lengths, np.asarray(ds.doc_idx), max_seq_length, np.random.default_rng([seed, k]))
         parts.append(np.concatenate([np.full((len(rows), 1), k, dtype=np.int64), rows], axis=1))
     plan = np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
     try:
@@ -119,13 +124,34 @@ class ExampleBuilder:
     """Turns plan rows into padded ``[CLS] A [SEP] B [SEP]`` arrays of length ``max_seq_length``."""
 
     def __init__(
-        self, shards: list[IndexedDataset], *, max_seq_length: int, special_tokens: dict[str, int]
+        self,
+        shards: list[IndexedDataset],
+        *,
+        max_seq_length: int,
+        special_tokens: dict[str, int],
+        strip_special_tokens: bool = False,
     ) -> None:
         if max_seq_length < 8:
             raise ValueError(f"max_seq_length={max_seq_length}: must be at least 8")
         self.shards = shards
         self.max_len = max_seq_length
         self.cls, self.sep, self.pad = special_tokens["cls"], special_tokens["sep"], special_tokens["pad"]
+        # Megatron's preprocess_data.py stores every sentence as [CLS] ... [SEP]; drop those before packing.
+        self.strip = strip_special_tokens
+
+    def _segments(
+        self, ds: IndexedDataset, start: int, split: int, end: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of segment A (sequences ``[start, split)``) and B (``[split, end)``), untruncated."""
+        if self.strip:
+            a = ds.span(start, split) if split > start else ds.tokens[:0]
+            b = ds.span(split, end) if end > split else ds.tokens[:0]
+            return a[(a != self.cls) & (a != self.sep)], b[(b != self.cls) & (b != self.sep)]
+        tokens = ds.span(start, end)
+        a_len = len(tokens)
+        if split < end:
+            a_len = (int(ds.pointers[split]) - int(ds.pointers[start])) // ds.dtype.itemsize
+        return tokens[:a_len], tokens[a_len:]
 
     def build_batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Examples for plan ``rows`` ``(B, 4)``: int64 arrays ``(B, L)``, padded with the pad id / zeros."""
@@ -136,22 +162,16 @@ class ExampleBuilder:
         attention_mask = np.zeros((len(rows), L), dtype=np.int64)  # (B, L)
         for b, (shard, start, split, end) in enumerate(rows.tolist()):
             # row by row: a batch touches many shards; per-shard vectorization cost more than it saved
-            ds = self.shards[shard]
-            tokens = ds.span(start, end)
-            a_len = (
-                (int(ds.pointers[split]) - int(ds.pointers[start])) // ds.dtype.itemsize
-                if split < end
-                else len(tokens)
-            )
-            la = min(a_len, L - 2)  # A truncated to max - 2
-            lb = min(len(tokens) - a_len, max(0, L - la - 3))  # B truncated to max - len(A) - 3
+            seg_a, seg_b = self._segments(self.shards[shard], start, split, end)
+            la = min(len(seg_a), L - 2)  # A truncated to max - 2
+            lb = min(len(seg_b), max(0, L - la - 3))  # B truncated to max - len(A) - 3
             ids = input_ids[b]
             ids[0] = self.cls
-            ids[1 : 1 + la] = tokens[:la]
+            ids[1 : 1 + la] = seg_a[:la]
             ids[1 + la] = self.sep
             n = 2 + la
             if lb > 0:
-                ids[n : n + lb] = tokens[a_len : a_len + lb]
+                ids[n : n + lb] = seg_b[:lb]
                 ids[n + lb] = self.sep
                 token_type_ids[b, n : n + lb + 1] = 1
                 n += lb + 1
