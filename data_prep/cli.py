@@ -209,7 +209,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"--- document {d} ---")
             for seq in shards[0].document(d)[: args.max_sentences]:
                 print("  " + tokenizer.decode(np.asarray(seq).tolist()))
+        _print_examples(shards[0], manifest, tokenizer, args.num_examples, args.example_length)
     return 0
+
+
+def _print_examples(shard, manifest: dict, tokenizer, n: int, length: int) -> None:
+    """The first ``n`` ELECTRA examples of the first shard, as training will see them (seed 0)."""
+    from alectra.data.examples import ExampleBuilder, plan_shard
+
+    wrapped = bool(manifest.get("special_tokens_in_sequences", False))
+    lengths = np.maximum(np.asarray(shard.lengths) - (2 if wrapped else 0), 0)
+    rows = plan_shard(lengths, np.asarray(shard.doc_idx), length, np.random.default_rng([0, 0]))[:n]
+    builder = ExampleBuilder(
+        [shard],
+        max_seq_length=length,
+        special_tokens=manifest["tokenizer"]["special_tokens"],
+        strip_special_tokens=wrapped,
+    )
+    batch = builder.build_batch(np.concatenate([np.zeros((len(rows), 1), dtype=np.int64), rows], axis=1))
+    for i, (ids, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"], strict=True)):
+        print(f"--- example {i} (length {int(mask.sum())} of {length}) ---")
+        print("  " + tokenizer.decode(ids[mask == 1].tolist(), skip_special_tokens=False))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--num-examples", type=int, default=2, help="documents to decode (0: none)")
     i.add_argument("--max-sentences", type=int, default=5, help="sentences shown per document")
     i.add_argument("--tokenizer", default=None, help="tokenizer for decoding (default: the manifest's)")
+    i.add_argument("--example-length", type=int, default=128, help="max_seq_length of the examples shown")
     i.set_defaults(func=cmd_inspect)
 
     v = sub.add_parser(

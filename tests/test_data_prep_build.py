@@ -217,6 +217,7 @@ def test_verify_and_inspect(tmp_path, tok_dir, jsonl, capsys):
     assert main(["inspect", str(out), "--num-examples", 1]) == 0
     text = capsys.readouterr().out
     assert "documents 300" in text and "sentence length" in text and "--- document 0 ---" in text
+    assert "--- example 0 (length " in text and "[CLS]" in text and "[SEP]" in text
     b = out / "shard_00001.bin"
     data = bytearray(b.read_bytes())
     data[10] ^= 0xFF
