@@ -55,7 +55,7 @@ def _sbatch(cluster, log: Path, args: list[str], script="slurm/pretrain.sh", **e
     proc = subprocess.run(
         cmd,
         cwd=REPO,
-        env={**cluster.env, "OMP_NUM_THREADS": "1", **env},
+        env={**cluster.env, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env},
         capture_output=True,
         text=True,
         check=True,
@@ -256,7 +256,14 @@ def test_preprocess_job_array_and_merge_match_one_process(cluster, demo_data, tm
     submit = subprocess.run(
         ["bash", "slurm/preprocess.sh", *build, "--output-dir", str(out)],
         cwd=REPO,
-        env={**cluster.env, "SHARDS": "2", "CPUS_PER_TASK": "1", "TIME": "10", "OMP_NUM_THREADS": "1"},
+        env={
+            **cluster.env,
+            "SHARDS": "2",
+            "CPUS_PER_TASK": "1",
+            "TIME": "10",
+            "OMP_NUM_THREADS": "1",
+            "PYTHON": sys.executable,
+        },
         capture_output=True,
         text=True,
         check=True,

@@ -16,6 +16,7 @@ Usage by hand:  python -m tests.slurm.cluster   (starts, prints `export SLURM_CO
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -47,6 +48,12 @@ def _free_port_block(count: int, start: int = 16800, stop: int = 17800) -> int:
         except OSError:
             continue
     raise RuntimeError(f"no {count} consecutive free ports in [{start}, {stop})")
+
+
+def _die_with_parent() -> None:
+    """In the forked daemon: get SIGTERM when the test process dies, so that a pytest killed before its
+    teardown (timeout, Ctrl-C twice) leaves no slurmctld/slurmd behind (Linux prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 class SlurmCluster:
@@ -111,7 +118,11 @@ class SlurmCluster:
 
     def _spawn(self, cmd: list[str], log_name: str) -> None:
         log = open(self.root / "log" / log_name, "wb")  # noqa: SIM115 - kept open for the daemon's lifetime
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env))
+        self.procs.append(
+            subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=_die_with_parent
+            )
+        )
 
     def start(self, timeout: float = 60.0) -> None:
         self._write_conf()
