@@ -187,6 +187,28 @@ def _check_output_dir(out: Path, fingerprint: dict) -> None:
         )
 
 
+def _claim_output_dir(out: Path, fingerprint: dict, tokenizer_name: str, rank: int, comm) -> None:
+    """Check the output folder and record this build in ``build.json``.
+
+    Under MPI only rank 0 checks and writes, then tells the others: were every rank to check on its own,
+    a rank that looks after rank 0 wrote its first shard but before ``build.json`` exists would take the
+    folder for a foreign build (and the ranks that did not fail would wait for it forever).
+    """
+    error = None
+    if rank == 0:
+        try:
+            _check_output_dir(out, fingerprint)
+            if not (out / "build.json").is_file():
+                # tokenizer name kept apart: the same vocabulary from another path may resume the build
+                write_json_atomic(out / "build.json", {**fingerprint, "tokenizer_name": tokenizer_name})
+        except DataPrepError as exc:
+            error = str(exc)
+    if comm is not None:
+        error = comm.bcast(error, root=0)
+    if error is not None:
+        raise DataPrepError(error)
+
+
 def _complete(out: Path, k: int, fingerprint: dict) -> dict | None:
     """The record of shard k if it was finished by an earlier run with the same settings."""
     import json
@@ -233,10 +255,7 @@ def build(cfg: BuildConfig, source: Source) -> dict | None:
     fingerprint = _fingerprint(cfg, tok_info, source, dtype)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    _check_output_dir(out, fingerprint)
-    if rank == 0 and not (out / "build.json").is_file():
-        # tokenizer name kept apart: the same vocabulary from another path may resume the build
-        write_json_atomic(out / "build.json", {**fingerprint, "tokenizer_name": cfg.tokenizer})
+    _claim_output_dir(out, fingerprint, cfg.tokenizer, rank, comm)
 
     records: dict[int, dict] = {}
     total_bytes = source.total_bytes()
