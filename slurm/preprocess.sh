@@ -8,7 +8,6 @@
 #          and a merge job with --dependency=afterok on the whole array; prints both job ids.
 #
 #   One MPI job (N nodes x K ranks; mpi4py ranks split the shards, as data_prep/build.py does).
-#   Known issue: data_prep's ranks race on the output-folder check (see docs/cluster.md); prefer the array.
 #     MODE=mpi NODES=4 RANKS_PER_NODE=16 bash slurm/preprocess.sh --input ... --tokenizer ... --output-dir ...
 #       -> one job: `mpirun python -m data_prep build ...`, then merge in the same job.
 #

@@ -236,7 +236,8 @@ def test_python_nodelist_expansion_matches_scontrol(cluster, nodelist):
     )
 
 
-def test_preprocess_job_array_and_merge_match_one_process(cluster, demo_data, tmp_path):
+@pytest.mark.parametrize("mode", ["array", "mpi"])
+def test_preprocess_across_nodes_matches_one_process(cluster, demo_data, tmp_path, mode):
     build = [
         "--demo",
         "--max-documents",
@@ -258,8 +259,13 @@ def test_preprocess_job_array_and_merge_match_one_process(cluster, demo_data, tm
         cwd=REPO,
         env={
             **cluster.env,
+            "MODE": mode,
             "SHARDS": "2",
+            "NODES": "2",
+            "RANKS_PER_NODE": "1",
             "CPUS_PER_TASK": "1",
+            "OMPI_ALLOW_RUN_AS_ROOT": "1",  # the test cluster runs jobs as root
+            "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
             "TIME": "10",
             "OMP_NUM_THREADS": "1",
             "PYTHON": sys.executable,
@@ -270,9 +276,13 @@ def test_preprocess_job_array_and_merge_match_one_process(cluster, demo_data, tm
     )
     merge_id = re.search(r"merge job: (\d+)", submit.stdout).group(1)
     end = _wait(cluster, merge_id, timeout=90)
-    assert end == ("COMPLETED", 0), _read(out / "slurm-logs" / f"merge-{merge_id}.out")
+    log = out / "slurm-logs" / (f"merge-{merge_id}.out" if mode == "array" else f"mpi-{merge_id}.out")
+    assert end == ("COMPLETED", 0), _read(log)
     assert local.wait(timeout=60) == 0
-    assert len(list(out.glob("slurm-logs/build-*_*.out"))) == 2  # two array tasks built the parts
+    if mode == "array":
+        assert len(list(out.glob("slurm-logs/build-*_*.out"))) == 2  # two array tasks built the parts
+    else:
+        assert "MPI build, 2 ranks" in _read(log)
     shards = sorted(p.name for p in single.glob("shard_*.bin"))
     assert len(shards) == 4 and sorted(p.name for p in out.glob("shard_*.bin")) == shards
     for name in shards:  # byte-identical to the one-process build
