@@ -78,8 +78,8 @@ class DataSection:
     """WordPiece vocabulary size of the demo tokenizer."""
     tokenizer: str | None = None
     """Tokenizer folder checked against the manifest; None = the manifest's own `tokenizer.name_or_path`."""
-    max_seq_length: int = 128
-    """Tokens per example, [CLS] and [SEP] included (reference: 128)."""
+    max_seq_length: int = 64
+    """Tokens per example, [CLS] and [SEP] included (the recipes: 128; the CPU demo: 64)."""
     valid_fraction: float = 0.01
     """Fraction of documents held out for evaluation."""
     num_workers: int = 1
@@ -106,7 +106,7 @@ class DataSection:
 class TrainSection:
     """Batch arithmetic, optimizer and schedule (defaults: the CPU demo)."""
 
-    steps: int = 300
+    steps: int = 200
     """Optimizer steps of the whole run (the reference's num_train_steps)."""
     global_batch_size: int = 16
     """Sequences per optimizer step over all ranks = micro_batch_size x grad-accum x data-parallel size."""
@@ -117,7 +117,7 @@ class TrainSection:
     (per-tensor trust ratios, so only with ZeRO stage 0: ZeRO partitions flatten the tensors)."""
     lr: float = 1e-3
     """Peak learning rate (ELECTRA-Small: 5e-4 at batch 128; ALECTRA-Small: 2e-3 at batch 512)."""
-    warmup_steps: int = 30
+    warmup_steps: int = 20
     """Linear warmup steps; the warmup factor multiplies the linear decay (google-research/electra)."""
     weight_decay: float = 0.01
     """Decoupled weight decay, not applied to LayerNorm weights and biases (reference)."""

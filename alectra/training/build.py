@@ -130,7 +130,7 @@ def _device(hardware: Hardware) -> torch.device:
     return torch.device(hardware.accelerator)
 
 
-def _restore(engine: Any, info: CheckpointInfo, dp_size: int, same_world: bool) -> TrainState:
+def _restore(engine: Any, info: CheckpointInfo, same_world: bool) -> TrainState:
     load_path, client = engine.load_checkpoint(
         str(info.path.parent), tag=info.path.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -188,7 +188,7 @@ def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config
     )
-    state = TrainState() if resume is None else _restore(engine, resume, dp_size, same_world)
+    state = TrainState() if resume is None else _restore(engine, resume, same_world)
 
     if rank == 0:
         out = Path(cfg.output_dir)
