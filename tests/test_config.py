@@ -125,9 +125,9 @@ def test_auto_values_are_filled_from_the_run_config(caplog):
 def test_precision_on_gpus():
     cfg = RunConfig()
     ds_json = load_ds_json(ROOT / "ds_configs" / "zero1.json")
-    ampere = Hardware(accelerator="cuda", bf16_supported=True, dp_size=2)
+    ampere = Hardware(accelerator="cuda", bf16_supported=True, dp_size=1)
     assert resolve_ds_config(ds_json, cfg, ampere)["bf16"]["enabled"] is True
-    volta = Hardware(accelerator="cuda", bf16_supported=False, dp_size=2)
+    volta = Hardware(accelerator="cuda", bf16_supported=False, dp_size=1)
     assert resolve_ds_config(ds_json, cfg, volta)["bf16"]["enabled"] is False
     fp16 = load_config(None, ["--train.precision", "fp16"])
     ds = resolve_ds_config(ds_json, fp16, volta)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -272,7 +273,10 @@ def test_nonfinite_losses_are_skipped_then_stop_with_last_good_checkpoint(demo, 
 def test_default_command_with_deepspeed_launcher(tmp_path):
     """The README command, from an empty folder, with the step count and the demo corpus lowered: builds
     the demo data, trains, checkpoints, exports and says where."""
-    cmd = ["deepspeed", str(PRETRAIN), "--deepspeed", "ds_configs/zero2.json"]
+    with socket.socket() as sock:  # the launcher's default 29500 may be taken by another job on this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = ["deepspeed", "--master_port", str(port), str(PRETRAIN), "--deepspeed", "ds_configs/zero2.json"]
     cmd += ["--train.steps", "2", "--logging.eval_batches", "1", "--data.demo_max_documents", "300"]
     shutil.copytree(ROOT / "ds_configs", tmp_path / "ds_configs")
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
