@@ -144,6 +144,11 @@ def test_precision_on_gpus():
         ({"optimizer": {"type": "Adam"}}, 1, "has an 'optimizer' block; remove it"),
         ({"zero_optimization": {"stage": 2}, "_lamb": True}, 1, "lamb needs zero_optimization.stage 0"),
         ({"zero_optimization": {"stage": 0}}, 1, "stage 0 with adamw"),
+        (
+            {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}, "_lamb": True},
+            1,
+            "lamb runs in fp32",
+        ),
     ],
 )
 def test_ds_config_errors(change, hw_dp, message):
@@ -151,7 +156,7 @@ def test_ds_config_errors(change, hw_dp, message):
     cfg = load_config(None, ["--train.optimizer", "lamb"] if change.pop("_lamb", False) else [])
     ds_json.update(change)
     with pytest.raises(ConfigError) as err:
-        resolve_ds_config(ds_json, cfg, Hardware(accelerator="cpu", bf16_supported=False, dp_size=hw_dp))
+        resolve_ds_config(ds_json, cfg, Hardware(accelerator="cuda", bf16_supported=True, dp_size=hw_dp))
     assert message in str(err.value)
 
 

@@ -129,6 +129,11 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
             f"train.optimizer=lamb needs zero_optimization.stage 0 (ZeRO stage {stage} flattens parameters "
             f"into partitions, which breaks LAMB's per-tensor trust ratio); use adamw or a stage-0 JSON"
         )
+    if cfg.train.optimizer == "lamb" and precision != "fp32":
+        raise ConfigError(
+            f"train.optimizer=lamb runs in fp32 only ({precision}: DeepSpeed's mixed-precision wrappers "
+            f"flatten parameters, which breaks LAMB's per-tensor trust ratio); pass --train.precision fp32"
+        )
     if cfg.train.optimizer == "adamw" and stage == 0:
         raise ConfigError(
             "zero_optimization.stage 0 with adamw: the non-finite-step skip needs DeepSpeed's ZeRO "
