@@ -156,13 +156,14 @@ class SequenceClassifier(nn.Module):
         return self.model(**inputs).logits  # (B, K)
 
 
-def _encoder_kwargs(model_dir: pathlib.Path, config: FinetuneConfig) -> dict:
+def _hf_config(model_dir: pathlib.Path, config: FinetuneConfig):
+    """The folder's config.json, with the hidden dropout overridden when --dropout is given."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(model_dir)
     if config.dropout is not None:
         hf_config.hidden_dropout_prob = config.dropout
-    return {"config": hf_config}
+    return hf_config
 
 
 def build_classifier(model_dir: pathlib.Path, num_outputs: int, config: FinetuneConfig) -> nn.Module:
@@ -173,14 +174,16 @@ def build_classifier(model_dir: pathlib.Path, num_outputs: int, config: Finetune
     from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    kwargs = _encoder_kwargs(model_dir, config)
-    hf_config = kwargs["config"]
+    hf_config = _hf_config(model_dir, config)
     if config.head == "electra":
         # ELECTRA has no pooler; BERT/ALBERT ones are unused by this head, so they are not built.
         encoder_class = MODEL_MAPPING[type(hf_config)]
-        if "add_pooling_layer" in encoder_class.__init__.__code__.co_varnames:
-            kwargs["add_pooling_layer"] = False
-        encoder = AutoModel.from_pretrained(model_dir, **kwargs)
+        no_pooler = (
+            {"add_pooling_layer": False}
+            if "add_pooling_layer" in encoder_class.__init__.__code__.co_varnames
+            else {}
+        )
+        encoder = AutoModel.from_pretrained(model_dir, config=hf_config, **no_pooler)
         dropout = config.dropout if config.dropout is not None else hf_config.hidden_dropout_prob
         return ClsLinearClassifier(encoder, num_outputs, dropout)
     # The exported discriminator is *ForTokenClassification with a 1-unit "classifier": from_pretrained on a
