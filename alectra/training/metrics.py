@@ -8,8 +8,10 @@ is achieved FLOP/s over the accelerator's dense peak for the run's precision (no
 
 from __future__ import annotations
 
+import datetime
 import math
 import resource
+import sys
 import time
 from typing import Any
 
@@ -97,11 +99,15 @@ class MetricsReporter:
         self.peak = (
             peak_tflops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
         )
+        # A bar only on a terminal: in a SLURM log file its carriage-return updates are one endless line;
+        # the report lines carry the ETA there.
         self.bar = (
             tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-            if is_rank0 and progress_bar
+            if is_rank0 and progress_bar and sys.stderr.isatty()
             else None
         )
+        self.total_steps = total_steps
+        self._start, self._start_step = time.perf_counter(), start_step
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self._data_wait = 0.0
@@ -132,7 +138,11 @@ class MetricsReporter:
         if self.is_rank0:
             events = [(f"{prefix}/{k}", v, step) for k, v in values.items() if not math.isnan(v)]
             self.engine.monitor.write_events(events)
-            line = f"{prefix} step {step}: " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            line = f"{prefix} step {step}/{self.total_steps}: "
+            line += " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+            if prefix == "train" and step > self._start_step:
+                per_step = (time.perf_counter() - self._start) / (step - self._start_step)
+                line += f" eta={datetime.timedelta(seconds=round(per_step * (self.total_steps - step)))}"
             if self.bar is not None:
                 self.bar.set_postfix(loss=_fmt(values["loss"]), refresh=False)
                 self.bar.write(line)
