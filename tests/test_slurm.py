@@ -118,8 +118,10 @@ def pretrain_runs(cluster, demo_data, tmp_path_factory):
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
     )
     deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and "train step 3:" not in _read(tmp / "pre.out"):
+    # the console line is "train step 3/40: ..."
+    while time.monotonic() < deadline and not re.search(r"^train step 3\b", _read(tmp / "pre.out"), re.M):
         time.sleep(0.2)
+    assert re.search(r"^train step 3\b", _read(tmp / "pre.out"), re.M), _read(tmp / "pre.out")[-3000:]
     # --batch: only the batch shell, like --signal=B:USR1@T does; its trap forwards USR1 to the ranks
     cluster.run(["scancel", "--batch", "--signal=USR1", pre_id])
     ends = {
