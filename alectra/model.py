@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForTokenClassification, PretrainedConfig
 
 from alectra.masking import derive_seed, mask_tokens
 from alectra.presets import ModelConfig
 from kernels.rtd_loss import rtd_loss
-from kernels.sampling import sample_and_cross_entropy
+from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
 
 METRIC_KEYS = (
     "gen_correct",
@@ -223,7 +222,9 @@ class ElectraPretrainingModel(nn.Module):
     ) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The sampling + generator-CE implementation for this device (see ModelConfig.kernels)."""
         if self.config.kernels == "auto" and device.type != "cuda":
-            return sample_and_cross_entropy_native
+            # The bit-exact Philox reference costs ~40 ms per masked row at V = 30522 on a CPU (6 s of a
+            # 15 s ELECTRA-Small step at batch 8); torch's RNG gives the same distribution ~100x cheaper.
+            return functools.partial(sample_and_cross_entropy_reference, noise="torch")
         return functools.partial(sample_and_cross_entropy, use_triton=self._use_triton(device))
 
     def _use_triton(self, device: torch.device) -> bool:
@@ -361,38 +362,6 @@ class ElectraPretrainingModel(nn.Module):
                     shutil.copy2(f, tmp / Path(f).name)
 
             write_dir_atomically(out_dir / name, write)
-
-
-def sample_and_cross_entropy_native(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    seed: int,
-    temperature: float = 1.0,
-    positions: torch.Tensor,
-    disc_input_ids: torch.Tensor,
-    replaced_labels: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kernels.sampling.sample_and_cross_entropy` with torch's own RNG, for kernels="auto" off CUDA.
-
-    Same math as `sample_and_cross_entropy_reference` (mean CE in fp32; Gumbel-max of softmax(logits / T))
-    but the Gumbel noise comes from `torch.Generator` instead of the kernel's Philox stream. The reference
-    emulates Philox bit for bit with int64 tensor ops, which costs ~40 ms per masked row at V = 30522 on
-    CPU (6 s of a 15 s ELECTRA-Small step at batch 8); torch.rand is ~100x cheaper. Samples follow the same
-    distribution but are not the Triton path's; kernels="torch" keeps the bit-exact reference.
-    logits (M, V), targets (M,), positions (M,) flat indices into disc_input_ids / replaced_labels (B*T,).
-    """
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(logits.shape[0], 1)
-    with torch.no_grad():
-        generator = torch.Generator(device=logits.device).manual_seed(seed)
-        u = torch.rand(logits.shape, generator=generator, device=logits.device)  # (M, V) fp32
-        # Clamp as the kernel does: u = 0 would give log(0); fp32 (not fp16) keeps -log(-log u) finite.
-        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 2.0**-24)))
-        samples = (logits.detach().float() / temperature + gumbel).argmax(dim=-1)  # (M,)
-        n_correct = (logits.detach().argmax(dim=-1) == targets).sum(dtype=torch.int64)
-        disc_input_ids[positions] = samples.to(disc_input_ids.dtype)
-        replaced_labels[positions] = (samples != targets).to(replaced_labels.dtype)
-    return loss, samples, n_correct
 
 
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:

@@ -232,8 +232,9 @@ def test_flops_per_token_counts_layer_applications():
     assert small.flops_per_token(512) > small.flops_per_token(128)
 
 
-def test_native_sampler_matches_softmax_and_is_deterministic():
-    from alectra.model import sample_and_cross_entropy_native
+def test_torch_noise_sampler_matches_softmax_and_is_deterministic():
+    """The CPU default (kernels="auto"): the reference with torch's RNG instead of the kernel's Philox."""
+    from kernels.sampling import sample_and_cross_entropy_reference
 
     vocab, rows = 8, 20000
     logits = torch.randn(1, vocab).repeat(rows, 1).requires_grad_()
@@ -241,10 +242,11 @@ def test_native_sampler_matches_softmax_and_is_deterministic():
 
     def run(seed):
         disc_ids, labels = torch.full((rows,), -1), torch.zeros(rows, dtype=torch.int64)
-        out = sample_and_cross_entropy_native(
+        out = sample_and_cross_entropy_reference(
             logits,
             targets,
             seed=seed,
+            noise="torch",
             positions=torch.arange(rows),
             disc_input_ids=disc_ids,
             replaced_labels=labels,
