@@ -16,3 +16,20 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def _restored_environment():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# Each test module and each test starts from the same environment: an in-process DeepSpeed /
+# torch.distributed setup (in a test or a module-scoped fixture) exports RANK/MASTER_PORT/... into os.environ,
+# and a later subprocess (a srun job, another training run) must not inherit that rendezvous: the port is
+# still held by this process's store.
+_restore_module_environment = pytest.fixture(scope="module", autouse=True)(_restored_environment)
+_restore_test_environment = pytest.fixture(autouse=True)(_restored_environment)

@@ -26,6 +26,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+# What a launcher exports for one process group; never meaningful for a job submitted from the tests.
+_LAUNCHER_VARIABLES = frozenset(
+    {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+)
+
 SLURM_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 4
@@ -66,7 +71,10 @@ class SlurmCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf)}
+        # Jobs inherit the submitter's environment (--export=ALL): leave out any rendezvous a process-local
+        # test left behind, or every job would meet at the same MASTER_PORT.
+        inherited = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+        return {**inherited, "SLURM_CONF": str(self.conf)}
 
     def _write_conf(self) -> None:
         for sub in ("etc", "state/ctld", "log", "run"):
