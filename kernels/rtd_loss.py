@@ -26,7 +26,7 @@ import triton.language as tl
 from kernels._device import check_triton_device
 
 # Elements per program. 1024 fp32 logits + int64 labels + bool mask is 13 KiB of loads per program: enough
-# bytes in flight per SM for a bandwidth-bound kernel without spilling (see benchmarks/results_kernels.md).
+# bytes in flight per SM for a bandwidth-bound kernel without spilling (see benchmarks/RESULTS.md).
 RTD_BLOCK = 1024
 RTD_NUM_WARPS = 4
 

@@ -30,7 +30,7 @@ import triton.language as tl
 from kernels._device import check_triton_device
 
 # Vocabulary columns per block. 4096 fp32 values across 8 warps is 16 per thread, which keeps Philox's
-# per-element state in registers without spilling (see benchmarks/results_kernels.md); V = 30522 is 8 blocks.
+# per-element state in registers without spilling (see benchmarks/RESULTS.md); V = 30522 is 8 blocks.
 SAMPLING_BLOCK_V = 4096
 SAMPLING_NUM_WARPS = 8
 
