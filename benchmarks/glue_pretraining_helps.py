@@ -12,6 +12,21 @@ Stages (each skipped when its output exists, so a rerun resumes): (1) pretrain w
 (3) save a randomly initialised copy of the same architecture and tokenizer; (4) fine-tune both with
 `alectra.glue` on the GLUE TSV files in `--glue-dir` (default ../shared/data/glue from the project root;
 the script explains and exits 0 when that folder is absent); (5) print the side-by-side table.
+
+`--arm tapt` (task-adaptive pretraining, Gururangan et al. 2020): instead of the demo corpus (Python
+documentation), pretrain on the unlabeled sentences of the GLUE *train* files (CoLA, SST-2, MRPC, STS-B,
+RTE: text columns only, never labels, never dev files), written as plain-text documents of 20 consecutive
+sentences (one per line, blank-line separated) under `<work-dir>/tapt/corpus`, with a WordPiece vocabulary
+trained on them (`python -m data_prep train-tokenizer`) and shards built with `python -m data_prep build
+--sentence-split lines`. `--pretrain-args` carries the model overrides (e.g. a wider/deeper `tiny`).
+`--per-task` fine-tunes each task into its own folder, so several calls (`--tasks rte` and
+`--tasks cola,sst2,mrpc`) can share the cores; the table stage merges them.
+
+    OMP_NUM_THREADS=1 python benchmarks/glue_pretraining_helps.py --arm tapt --work-dir /tmp/glue_tapt \
+        --pretrain-steps 1400 --pretrain-minutes 22 --tasks cola,sst2,mrpc,rte --seeds 3 \
+        --max-train-examples 2500 --per-task --pretrain-args "--model.overrides... --train.lr 1e-3 ..."
+
+(the full `--pretrain-args` of the recorded run are in benchmarks/results_glue.md).
 """
 
 from __future__ import annotations
@@ -50,16 +65,110 @@ def parse_args() -> argparse.Namespace:
         help="which to fine-tune in this call (two calls can run side by side; a third prints the table)",
     )
     p.add_argument("--glue-args", default="", help="extra alectra.glue flags, e.g. '--epochs 2'")
+    p.add_argument(
+        "--arm",
+        choices=("demo", "tapt"),
+        default="demo",
+        help="pretraining text: demo = the built-in demo corpus (configs/demo.yaml); tapt = the unlabeled "
+        "sentences of the GLUE train files (task-adaptive pretraining)",
+    )
+    p.add_argument("--tapt-vocab-size", type=int, default=8192, help="--arm tapt: WordPiece vocabulary size")
+    p.add_argument("--tapt-doc-sentences", type=int, default=20, help="--arm tapt: sentences per document")
+    p.add_argument(
+        "--per-task",
+        action="store_true",
+        help="fine-tune each task into glue_<model>/<task> (parallel calls)",
+    )
     return p.parse_args()
 
 
-def pretrain(args: argparse.Namespace, run_dir: pathlib.Path) -> float:
+# --arm tapt: the text columns of the GLUE train files (header name, or position for header-less CoLA).
+TAPT_SOURCES = {
+    "CoLA": [3],
+    "SST-2": ["sentence"],
+    "MRPC": ["#1 String", "#2 String"],
+    "STS-B": ["sentence1", "sentence2"],
+    "RTE": ["sentence1", "sentence2"],
+}
+
+
+def tapt_sentences(glue_dir: pathlib.Path) -> dict[str, list[str]]:
+    """Per task, the unlabeled train sentences in file order (label columns are never read)."""
+    out = {}
+    for task, columns in TAPT_SOURCES.items():
+        lines = (glue_dir / task / "train.tsv").read_text(encoding="utf-8-sig").splitlines()
+        if isinstance(columns[0], str):
+            header, rows = lines[0].split("\t"), lines[1:]
+            positions = [header.index(c) for c in columns]
+        else:
+            positions, rows = columns, lines
+        sentences = []
+        for row in rows:
+            fields = row.split("\t")
+            sentences += [" ".join(fields[i].split()) for i in positions if fields[i].strip()]
+        out[task] = sentences
+    return out
+
+
+def build_tapt_data(args: argparse.Namespace, tapt: pathlib.Path) -> pathlib.Path:
+    """Corpus -> WordPiece tokenizer -> shards under `tapt` (skipped if built); returns the dataset."""
+    corpus, tokenizer, shards = tapt / "corpus", tapt / "tokenizer", tapt / "shards"
+    if (shards / "manifest.json").is_file():
+        return shards
+    corpus.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for task, sentences in tapt_sentences(args.glue_dir).items():
+        seen, unique = set(), []
+        for s in sentences:  # RTE/MRPC/STS-B repeat some sentences across pairs: keep the first
+            if s not in seen:
+                seen.add(s)
+                unique.append(s)
+        n = args.tapt_doc_sentences
+        docs = ["\n".join(unique[i : i + n]) for i in range(0, len(unique), n)]
+        (corpus / f"{task}.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+        words = sum(len(s.split()) for s in unique)
+        stats[task] = {"sentences": len(unique), "documents": len(docs), "words": words}
+    (tapt / "corpus_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"[bench] tapt corpus: {json.dumps(stats)}", file=sys.stderr)
+    dp = [sys.executable, "-m", "data_prep"]
+    for command in (
+        [
+            *dp,
+            "train-tokenizer",
+            "--input",
+            str(corpus),
+            "--vocab-size",
+            str(args.tapt_vocab_size),
+            "-o",
+            str(tokenizer),
+        ],
+        [
+            *dp,
+            "build",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer),
+            "--sentence-split",
+            "lines",
+            "--no-progress",
+            "-o",
+            str(shards),
+        ],
+    ):
+        print("[bench] " + " ".join(command), file=sys.stderr)
+        subprocess.run(command, cwd=ROOT, check=True)
+    return shards
+
+
+def pretrain(args: argparse.Namespace, run_dir: pathlib.Path, data: pathlib.Path | None = None) -> float:
     """Run the engine for `--pretrain-steps` or until `--pretrain-minutes`; returns the wall seconds."""
     command = [
         sys.executable,
         str(ROOT / "alectra" / "pretrain.py"),
         "--config",
         str(ROOT / "configs" / "demo.yaml"),
+        *(["--data.paths", f"[{data}]"] if data is not None else []),
         "--output_dir",
         str(run_dir),
         "--model.preset",
@@ -123,6 +232,16 @@ def finetune(model_dir: pathlib.Path, name: str, args: argparse.Namespace, out: 
     from alectra.glue import __main__ as glue_cli
     from alectra.glue.report import write_report
 
+    if args.per_task:
+        reports = [
+            finetune(
+                model_dir, name, argparse.Namespace(**{**vars(args), "tasks": t, "per_task": False}), out / t
+            )
+            for t in args.tasks.split(",")
+        ]
+        merged = dict(reports[0])
+        merged["tasks"] = {k: v for r in reports for k, v in r["tasks"].items()}
+        return merged
     if (out / "glue_results.json").is_file():
         return json.loads((out / "glue_results.json").read_text())
     argv = [
@@ -186,18 +305,30 @@ def main() -> int:
     selected = args.models.split(",")
     source = args.pretrained or work / "pretrain"
     if args.pretrained is None and not (source / "checkpoints" / "latest").is_file():
-        timings["pretrain_s"] = pretrain(args, source)
+        data = None
+        if args.arm == "tapt":
+            start = time.perf_counter()
+            data = build_tapt_data(args, work / "tapt")
+            timings["tapt_data_s"] = time.perf_counter() - start
+        timings["pretrain_s"] = pretrain(args, source, data)
+        (work / "timings_pretrain.json").write_text(json.dumps(timings, indent=2) + "\n")
     discriminator = export_discriminator(source, work / "export")
     models = {"random-init": random_copy(discriminator, work / "random_init"), "pretrained": discriminator}
     reports = {}
     for name, model_dir in models.items():
         if name not in selected:
             continue
-        start, done = time.perf_counter(), (work / f"glue_{name}" / "glue_results.json").is_file()
+        results = [work / f"glue_{name}" / "glue_results.json"]
+        if args.per_task:
+            results = [work / f"glue_{name}" / t / "glue_results.json" for t in args.tasks.split(",")]
+        start, done = time.perf_counter(), all(r.is_file() for r in results)
         reports[name] = finetune(model_dir, name, args, work / f"glue_{name}")
         if not done:
             timings[f"finetune_{name}_s"] = time.perf_counter() - start
-    (work / f"timings_{'_'.join(selected)}.json").write_text(json.dumps(timings, indent=2) + "\n")
+    (
+        work
+        / f"timings_{'_'.join(selected)}{'_' + args.tasks.replace(',', '_') if args.per_task else ''}.json"
+    ).write_text(json.dumps(timings, indent=2) + "\n")
     if len(reports) < 2:
         return 0
     from alectra.glue.report import to_markdown
