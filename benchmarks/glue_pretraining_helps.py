@@ -241,6 +241,13 @@ def finetune(model_dir: pathlib.Path, name: str, args: argparse.Namespace, out: 
         ]
         merged = dict(reports[0])
         merged["tasks"] = {k: v for r in reports for k, v in r["tasks"].items()}
+        cells = {
+            k: next((r["table"][k] for r in reports if r["table"].get(k) is not None), None)
+            for k in reports[0]["table"]
+            if k != "Avg"
+        }
+        scores = [v for v in cells.values() if v is not None]
+        merged["table"] = {**cells, "Avg": sum(scores) / len(scores) if scores else None}
         return merged
     if (out / "glue_results.json").is_file():
         return json.loads((out / "glue_results.json").read_text())
