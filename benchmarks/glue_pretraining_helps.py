@@ -26,7 +26,7 @@ trained on them (`python -m data_prep train-tokenizer`) and shards built with `p
         --pretrain-steps 1400 --pretrain-minutes 22 --tasks cola,sst2,mrpc,rte --seeds 3 \
         --max-train-examples 2500 --per-task --pretrain-args "--model.overrides... --train.lr 1e-3 ..."
 
-(the full `--pretrain-args` of the recorded run are in benchmarks/results_glue.md).
+(the full `--pretrain-args` of the recorded run are in benchmarks/RESULTS.md (GLUE section)).
 """
 
 from __future__ import annotations
