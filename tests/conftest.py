@@ -33,3 +33,20 @@ def _restored_environment():
 # still held by this process's store.
 _restore_module_environment = pytest.fixture(scope="module", autouse=True)(_restored_environment)
 _restore_test_environment = pytest.fixture(autouse=True)(_restored_environment)
+
+
+@pytest.fixture(scope="module")
+def single_process_group():
+    """A one-process gloo group in this pytest process, for in-process DeepSpeed engines (module-scoped, so
+    the environment it exports is restored when the module ends)."""
+    import socket
+
+    import deepspeed
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rendezvous = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    os.environ.update({k: os.environ.get(k, v) for k, v in {**rendezvous, "MASTER_PORT": str(port)}.items()})
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield

@@ -6,8 +6,6 @@ give the same token-classification logits as the trained module, and carry a wor
 
 import dataclasses
 import json
-import os
-import socket
 
 import pytest
 import torch
@@ -41,25 +39,6 @@ def tokenizer_dir(tmp_path_factory):
     wordpiece.train_from_iterator(CORPUS, vocab_size=200, min_frequency=1)
     BertTokenizerFast(tokenizer_object=wordpiece._tokenizer).save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    import deepspeed
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
 
 
 def _batch(tokenizer, n=4, seq_len=24):

@@ -2,8 +2,6 @@
 ALECTRA `tiny` model is exported with alectra.export and fine-tuned, without an export step by the user."""
 
 import dataclasses
-import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from tests.test_glue import _train_vocab, write_glue_fixture
 
 
 @pytest.fixture(scope="module")
-def alectra_run(tmp_path_factory):
+def alectra_run(tmp_path_factory, single_process_group):
     """A run dir `<run>/checkpoints/{alectra_model.json, tokenizer/, latest, step_2/}` and its module."""
     import deepspeed
     from transformers import BertTokenizerFast
@@ -23,19 +21,6 @@ def alectra_run(tmp_path_factory):
     from alectra.masking import step_seed
     from alectra.model import ElectraPretrainingModel
     from alectra.presets import get_preset
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
-    os.environ.update({k: os.environ.get(k, v) for k, v in env.items()})
-    deepspeed.init_distributed(dist_backend="gloo")
 
     root = tmp_path_factory.mktemp("run")
     tokenizer = BertTokenizerFast(vocab=_train_vocab(), do_lower_case=True)
