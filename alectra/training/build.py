@@ -16,7 +16,13 @@ import torch
 import torch.distributed
 
 from alectra.config import ConfigError, RunConfig, save_config
-from alectra.training.checkpoint import Checkpointer, CheckpointInfo, find_resume, universal_checkpoint
+from alectra.training.checkpoint import (
+    Checkpointer,
+    CheckpointInfo,
+    find_resume,
+    restore_param_groups,
+    universal_checkpoint,
+)
 from alectra.training.ds_config import (
     Hardware,
     gradient_accumulation_steps,
@@ -139,6 +145,8 @@ def _restore(engine: Any, info: CheckpointInfo, same_world: bool) -> TrainState:
     state = TrainState(**client["train_state"])
     if same_world:  # the per-step reseeding makes this redundant for our code; it covers anything else
         set_rng_states(client["rng_states"][torch.distributed.get_rank()])
+    else:
+        restore_param_groups(engine, info.path)  # DeepSpeed's ZeRO-3 universal load merges them
     return state
 
 

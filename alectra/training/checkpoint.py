@@ -13,7 +13,8 @@ and the commit mark is the single source of truth: a tag without it is never loa
 the same step is saved again.
 
 Resuming at another data-parallel size converts the checkpoint once with DeepSpeed's `ds_to_universal`
-(optimizer state re-partitioned exactly, not reset) and loads it with `checkpoint.load_universal`.
+(optimizer state re-partitioned exactly, not reset) and loads it with `checkpoint.load_universal`; after a
+ZeRO-3 load the parameter groups' hyperparameters are set back from the checkpoint (`restore_param_groups`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import deepspeed.comm as dist
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +196,30 @@ def universal_checkpoint(info: CheckpointInfo) -> Path:
         os.replace(tmp, out)
     dist.barrier()
     return out
+
+
+def restore_param_groups(engine: Any, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (stage3.py,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`) that make the next updates differ from the run's:
+
+    - it copies the FIRST saved group's hyperparameters into every group ("Generally, the hyperparameters of
+      each parameter should be the same"), so our no-decay group (LayerNorm weights, biases) gets decayed;
+    - it puts ONE `step` tensor into every group's Adam state; torch's AdamW increments it in place, once per
+      group, so the bias correction runs at twice the step count.
+
+    Each group gets its saved hyperparameters back (by index) and its own step counter. ZeRO-1/2 already load
+    both per group; there this changes nothing.
+    """
+    optimizer_file = universal_dir / "zero" / "optimizer_state.pt"  # ds_to_universal, ZeRO-1/2/3 alike
+    saved = torch.load(optimizer_file, map_location="cpu", weights_only=False)["param_groups"]
+    inner = engine.optimizer.optimizer  # the torch optimizer inside DeepSpeed's ZeRO wrapper
+    if len(saved) != len(inner.param_groups):
+        raise RuntimeError(
+            f"{universal_dir}: {len(saved)} parameter groups saved, {len(inner.param_groups)} here; "
+            f"resume with the model and optimizer settings the checkpoint was saved with"
+        )
+    for group, hyper in zip(inner.param_groups, saved, strict=True):
+        group.update({key: value for key, value in hyper.items() if key != "params"})
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
