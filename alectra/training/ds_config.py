@@ -101,7 +101,10 @@ def _precision(cfg: RunConfig, ds: dict, hw: Hardware) -> str:
 
 
 def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> dict[str, Any]:
-    """A complete DeepSpeed config: every "auto" filled from `cfg` and `hw`, the batch arithmetic checked."""
+    """A complete DeepSpeed config: every "auto" filled from `cfg` and `hw`, the batch arithmetic checked.
+
+    With W&B enabled it also sets WANDB_DIR (if unset) to `<output_dir>/logs`, before DeepSpeed's wandb.init.
+    """
     ds = copy.deepcopy(ds_json)
     for block in ("optimizer", "scheduler"):
         if block in ds:
@@ -153,6 +156,11 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
     wandb = ds.setdefault("wandb", {})
     _fill(wandb, "enabled", cfg.logging.wandb, "wandb.enabled")
     _fill(wandb, "project", cfg.logging.wandb_project, "wandb.project")
+    if wandb["enabled"]:
+        # DeepSpeed's wandb.init takes no folder: point W&B's files beside TensorBoard's and the CSVs (an
+        # explicit WANDB_DIR wins) instead of ./wandb in whatever folder the run was started from.
+        os.makedirs(logs, exist_ok=True)
+        os.environ.setdefault("WANDB_DIR", logs)
     return ds
 
 

@@ -2,6 +2,11 @@
 shown on rank 0's console (tqdm bar with ETA + one line per report) and written to DeepSpeed's monitor
 (TensorBoard / CSV / W&B, whichever the resolved JSON enables).
 
+W&B keeps one monotonic step per run and drops anything logged at a smaller step, while DeepSpeed's engine
+logs its own `Train/Samples/*` events (lr, loss) at the number of samples seen, which runs ahead of the
+optimizer step; so W&B gets each report as one row at the optimizer step (`StepWandb`) and not the engine's
+sample-indexed duplicates (they stay in TensorBoard/CSV).
+
 Throughput counts every position of a (B, T) batch (padding included), the unit `flops_per_token` uses; MFU
 is achieved FLOP/s over the accelerator's dense peak for the run's precision (no sparsity).
 """
@@ -28,6 +33,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
 }
 _LOSSES = ("loss", "gen_loss", "disc_loss")
+_ENGINE_EVENTS = "Train/Samples/"  # prefix of the events DeepSpeed's engine writes itself (x = samples)
 
 
 def peak_tflops(device_name: str, precision: str) -> float | None:
@@ -72,6 +78,26 @@ class MetricSums:
         return result
 
 
+class StepWandb:
+    """Stands in for DeepSpeed's WandbMonitor (which ran `wandb.init` from the JSON's `wandb` section):
+    a report's events become one `wandb.log` row at their optimizer step; the engine's own sample-indexed
+    events are not sent (see the module docstring)."""
+
+    def write_events(self, events: list[tuple[str, float, int]]) -> None:
+        """DeepSpeed's Monitor interface: (label, value, step) tuples, one step per report."""
+        import wandb
+
+        ours = [(label, value, step) for label, value, step in events if not label.startswith(_ENGINE_EVENTS)]
+        if ours:
+            wandb.log({label: value for label, value, _ in ours}, step=ours[0][2])
+
+    def close(self) -> None:
+        """Finish the run, so that its files are complete (offline mode too) before the process exits."""
+        import wandb
+
+        wandb.finish()
+
+
 class MetricsReporter:
     """Timing windows, throughput/MFU and the sinks; only rank 0 prints and writes."""
 
@@ -95,6 +121,9 @@ class MetricsReporter:
         self.flops_per_token = flops_per_token
         device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
         self.device = device
+        self.wandb = None
+        if getattr(engine.monitor, "wandb_monitor", None) is not None:  # set on rank 0 only
+            self.wandb = engine.monitor.wandb_monitor = StepWandb()
         self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.peak = (
             peak_tflops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
@@ -151,9 +180,11 @@ class MetricsReporter:
         return values
 
     def close(self) -> None:
-        """Close the progress bar."""
+        """Close the progress bar and the W&B run."""
         if self.bar is not None:
             self.bar.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 def _fmt(value: float) -> str:
