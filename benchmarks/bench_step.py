@@ -7,9 +7,16 @@ alectra-small), untied embeddings (two copies in the optimizer), torch softmax +
 `F.cross_entropy(ignore_index=-100)` over the full (B, T, V) logits. Both use the same masking.
 
 Each measurement runs in its own subprocess (so peak RSS is per model), alternating ours / baseline
-`--repeats` times; the table shows the median.
+`--repeats` times; the table shows the median. Besides wall-clock tokens/s it shows tokens per CPU-second of
+the worker process: with OMP_NUM_THREADS=1 that figure does not count the time other jobs on a shared
+machine take the core away, so it is the steadier one there (it still feels their cache and memory traffic).
+The load average is printed before and after each preset.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_step.py                       # electra-small, alectra-small
+`--compile` compiles the encoders of BOTH sides the same way (`compile_networks`), so its ratio against an
+eager run shows how much of a gain is compilation and how much is the model.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_step.py                       # electra-small, alectra-small
+    OMP_NUM_THREADS=1 python benchmarks/bench_step.py --presets electra-small --compile
     python benchmarks/bench_step.py --presets electra-small --batch 8 --steps 2 --repeats 1
 """
 
@@ -42,6 +49,18 @@ def make_batch(batch: int, seq_len: int):
     return ids, torch.ones_like(ids), token_type_ids
 
 
+def compile_networks(networks) -> None:
+    """torch.compile (inductor) each HF network in place, so parameter names and the module tree stay as they
+    are. `fallback_random` keeps dropout on torch's RNG: inductor's own CPU dropout was ~30% slower per step
+    here, and with it a fixed seed gives eager's dropout masks, so compiled and eager losses can be compared.
+    """
+    import torch
+
+    torch._inductor.config.fallback_random = True
+    for network in networks:
+        network.compile()
+
+
 class NaiveBaseline:
     """Untied generator + discriminator, full-vocabulary projection at every position, torch sampling."""
 
@@ -61,6 +80,7 @@ class NaiveBaseline:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
         self.generator.train()
         self.discriminator.train()
+        self.networks = (self.generator, self.discriminator)
 
     def step(self, ids, attention_mask, token_type_ids, seed: int) -> float:
         import torch
@@ -104,6 +124,8 @@ class Ours:
 
         self.model = ElectraPretrainingModel(get_preset(preset), vocab_size=VOCAB, special_token_ids=SPECIALS)
         self.model.train()
+        # The encoders + heads that `--compile` compiles; masking, gathers, sampling and loss stay eager.
+        self.networks = (self.model.generator.base_model, self.model.discriminator)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
 
     def step(self, ids, attention_mask, token_type_ids, seed: int) -> float:
@@ -114,26 +136,38 @@ class Ours:
         return out.loss.item()
 
 
-def worker(kind: str, preset: str, batch: int, seq_len: int, steps: int) -> dict:
-    """Build one model, one warm-up step, then time `steps` steps; return tokens/s and peak RSS."""
+def worker(kind: str, preset: str, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+    """Build one model, one warm-up step (compiles, with `compile`), then time `steps` steps; return tokens
+    per wall-second and per CPU-second of this process, peak RSS and the warm-up step's seconds."""
     import torch
 
     torch.manual_seed(0)
     runner = (Ours if kind == "ours" else NaiveBaseline)(preset)
+    if compile:
+        compile_networks(runner.networks)
     ids, attention_mask, token_type_ids = make_batch(batch, seq_len)
     idle_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    warmup_start = time.perf_counter()
     runner.step(ids, attention_mask, token_type_ids, seed=0)
-    start = time.perf_counter()
+    warmup_s = time.perf_counter() - warmup_start
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(steps):
         runner.step(ids, attention_mask, token_type_ids, seed=step + 1)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tokens_per_s": batch * seq_len * steps / elapsed, "peak_mib": peak, "step_mib": peak - idle_rss}
+    tokens = batch * seq_len * steps
+    return {
+        "tokens_per_s": tokens / elapsed,
+        "tokens_per_cpu_s": tokens / cpu,
+        "peak_mib": peak,
+        "step_mib": peak - idle_rss,
+        "warmup_s": warmup_s,
+    }
 
 
 def run_worker(kind: str, args, preset: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--presets", preset, "--batch", str(args.batch)]
-    cmd += ["--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    cmd += ["--seq-len", str(args.seq_len), "--steps", str(args.steps)] + ["--compile"] * args.compile
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -145,10 +179,14 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--repeats", type=int, default=2, help="alternating ours/baseline subprocess runs")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoders of both sides (compile_networks)"
+    )
     parser.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.presets, args.batch, args.seq_len, args.steps)))
+        result = worker(args.worker, args.presets, args.batch, args.seq_len, args.steps, args.compile)
+        print(json.dumps(result))
         return
 
     import torch
@@ -156,12 +194,27 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, "
         f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-        f"batch {args.batch} x {args.seq_len}, {args.steps} timed steps, median of {args.repeats}"
+        f"batch {args.batch} x {args.seq_len}, {args.steps} timed steps, median of {args.repeats}, "
+        f"{'compiled (both sides)' if args.compile else 'eager'}"
     )
-    header = f"{'preset':<14} {'ours tok/s':>11} {'base tok/s':>11} {'speedup':>8} {'ours peak MiB':>14} "
-    header += f"{'base peak MiB':>14} {'ours step MiB':>14} {'base step MiB':>14}"
-    print(header)
+    columns = {
+        "preset": 14,
+        "ours tok/s": 11,
+        "base tok/s": 11,
+        "speedup": 8,
+        "ours tok/CPU-s": 15,
+        "base tok/CPU-s": 15,
+        "CPU speedup": 12,
+        "ours peak MiB": 14,
+        "base peak MiB": 14,
+        "ours step MiB": 14,
+        "base step MiB": 14,
+        "warm-up s ours/base": 20,
+        "load avg before/after": 22,
+    }
+    print(" ".join(f"{name:>{width}}" for name, width in columns.items()))
     for preset in args.presets.split(","):
+        load_before = os.getloadavg()[0]
         runs = {"ours": [], "baseline": []}
         for _ in range(args.repeats):
             for kind in runs:
@@ -169,12 +222,23 @@ def main() -> None:
         ours, base = (
             {k: statistics.median(r[k] for r in runs[kind]) for k in runs[kind][0]} for kind in runs
         )
-        print(
-            f"{preset:<14} {ours['tokens_per_s']:>11.0f} {base['tokens_per_s']:>11.0f} "
-            f"{ours['tokens_per_s'] / base['tokens_per_s']:>7.2f}x {ours['peak_mib']:>14.0f} "
-            f"{base['peak_mib']:>14.0f} {ours['step_mib']:>14.0f} {base['step_mib']:>14.0f}",
-            flush=True,
-        )
+        cells = [
+            preset,
+            f"{ours['tokens_per_s']:.0f}",
+            f"{base['tokens_per_s']:.0f}",
+            f"{ours['tokens_per_s'] / base['tokens_per_s']:.2f}x",
+            f"{ours['tokens_per_cpu_s']:.0f}",
+            f"{base['tokens_per_cpu_s']:.0f}",
+            f"{ours['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:.2f}x",
+            f"{ours['peak_mib']:.0f}",
+            f"{base['peak_mib']:.0f}",
+            f"{ours['step_mib']:.0f}",
+            f"{base['step_mib']:.0f}",
+            f"{ours['warmup_s']:.0f}/{base['warmup_s']:.0f}",
+            f"{load_before:.1f}/{os.getloadavg()[0]:.1f}",
+        ]
+        row = zip(cells, columns.values(), strict=True)
+        print(" ".join(f"{cell:>{width}}" for cell, width in row), flush=True)
 
 
 if __name__ == "__main__":
