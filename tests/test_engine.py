@@ -132,6 +132,7 @@ def test_reference_run_trains_saves_and_exports(reference):
         "train_grad_norm",
         "train_tokens_per_s",
         "train_data_wait_pct",
+        "train_cpu_util_pct",
         "train_peak_mem_gib",
     ):
         assert losses(out, name), name

@@ -137,7 +137,7 @@ class MetricsReporter:
         )
         self.total_steps = total_steps
         self._start, self._start_step = time.perf_counter(), start_step
-        self._window_start = time.perf_counter()
+        self._window_start, self._window_cpu = time.perf_counter(), time.process_time()
         self._window_steps = 0
         self._data_wait = 0.0
 
@@ -157,6 +157,9 @@ class MetricsReporter:
             values["tokens_per_s"] = tokens_s
             values["samples_per_s"] = self._window_steps * self.samples_per_step / elapsed
             values["data_wait_pct"] = 100.0 * self._data_wait / elapsed
+            # CPU seconds of this process (all its threads) per wall second: ~100 x threads when the run has
+            # its cores to itself, lower when other jobs take them (a shared node, an oversubscribed host).
+            values["cpu_util_pct"] = 100.0 * (time.process_time() - self._window_cpu) / elapsed
             values["peak_mem_gib"] = peak_memory_gib(self.device)
             if self.device.type == "cuda":
                 tflops_per_gpu = tokens_s * self.flops_per_token / self.world_size / 1e12
@@ -164,6 +167,7 @@ class MetricsReporter:
                 if self.peak:
                     values["mfu_pct"] = 100.0 * tflops_per_gpu / self.peak
             self._window_start, self._window_steps, self._data_wait = time.perf_counter(), 0, 0.0
+            self._window_cpu = time.process_time()
         if self.is_rank0:
             events = [(f"{prefix}/{k}", v, step) for k, v in values.items() if not math.isnan(v)]
             self.engine.monitor.write_events(events)
