@@ -442,3 +442,14 @@ def test_command_errors_are_one_line(tiny_models, glue_dir, tmp_path, capsys):
         "alectra-glue: error: --model"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_mean_head_pools_over_real_tokens_only(tiny_models):
+    torch.manual_seed(0)
+    model = build_classifier(tiny_models["electra"], 2, FinetuneConfig(head="mean", dropout=0.0)).eval()
+    ids, mask = torch.tensor([[2, 10, 11, 3, 0, 0]]), torch.tensor([[1, 1, 1, 1, 0, 0]])
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (1, 6, H)
+    expected = model.classifier(hidden[0, :4].mean(0))
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask)[0], expected)
+    # [CLS] pooling (the reference head) gives something else on the same encoder.
+    assert not torch.allclose(model.classifier(hidden[0, 0]), expected)

@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--head",
         choices=HEADS,
         default=defaults.head,
-        help="electra: dropout + linear on [CLS] (reference); auto: the architecture's own HF head",
+        help="electra: dropout + linear on [CLS] (reference); mean: the same on the mean over real tokens; "
+        "auto: the architecture's own HF head",
     )
     recipe.add_argument(
         "--no-double-unordered",

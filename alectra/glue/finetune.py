@@ -24,7 +24,7 @@ from torch import nn
 from alectra.glue import metrics
 from alectra.glue.tasks import STSB_MAX_SCORE, GlueExample, GlueTask
 
-HEADS = ("electra", "auto")
+HEADS = ("electra", "mean", "auto")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -54,7 +54,8 @@ class FinetuneConfig:
     dropout: float | None = None
     """Dropout inside the encoder and before the head; None keeps the model config's hidden_dropout_prob."""
     head: str = "electra"
-    """"electra": dropout + linear on the [CLS] vector (the reference); "auto": the architecture's own
+    """"electra": dropout + linear on the [CLS] vector (the reference); "mean": the same on the mean of the
+    final hidden states over the real tokens; "auto": the architecture's own
     AutoModelForSequenceClassification head (BERT/ALBERT: tanh pooler; ELECTRA: dense+gelu)."""
     double_unordered: bool = True
     """Train MRPC and STS-B on both sentence orders (ELECTRA's `double_unordered`)."""
@@ -120,12 +121,14 @@ class RunResult:
     """Wall time of training plus evaluation."""
 
 
-class ClsLinearClassifier(nn.Module):
-    """ELECTRA's fine-tuning head: dropout + dense on the encoder's final [CLS] vector."""
+class LinearHeadClassifier(nn.Module):
+    """ELECTRA's fine-tuning head: dropout + dense on the encoder's final [CLS] vector (pooling="cls"), or
+    on the mean of the final hidden states over the real tokens (pooling="mean")."""
 
-    def __init__(self, encoder: nn.Module, num_outputs: int, dropout: float) -> None:
+    def __init__(self, encoder: nn.Module, num_outputs: int, dropout: float, pooling: str = "cls") -> None:
         super().__init__()
         self.encoder = encoder
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_outputs)
         # tf.layers.dense's default kernel initializer is Glorot uniform, with zero bias.
@@ -138,7 +141,12 @@ class ClsLinearClassifier(nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(**inputs).last_hidden_state  # (B, T, H)
-        return self.classifier(self.dropout(hidden[:, 0]))  # (B, K)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]  # (B, H)
+        else:
+            real = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+            pooled = (hidden * real).sum(1) / real.sum(1).clamp(min=1)  # (B, H)
+        return self.classifier(self.dropout(pooled))  # (B, K)
 
 
 class SequenceClassifier(nn.Module):
@@ -175,7 +183,7 @@ def build_classifier(model_dir: pathlib.Path, num_outputs: int, config: Finetune
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
     hf_config = _hf_config(model_dir, config)
-    if config.head == "electra":
+    if config.head in ("electra", "mean"):
         # ELECTRA has no pooler; BERT/ALBERT ones are unused by this head, so they are not built.
         encoder_class = MODEL_MAPPING[type(hf_config)]
         no_pooler = (
@@ -185,7 +193,8 @@ def build_classifier(model_dir: pathlib.Path, num_outputs: int, config: Finetune
         )
         encoder = AutoModel.from_pretrained(model_dir, config=hf_config, **no_pooler)
         dropout = config.dropout if config.dropout is not None else hf_config.hidden_dropout_prob
-        return ClsLinearClassifier(encoder, num_outputs, dropout)
+        pooling = "cls" if config.head == "electra" else "mean"
+        return LinearHeadClassifier(encoder, num_outputs, dropout, pooling)
     # The exported discriminator is *ForTokenClassification with a 1-unit "classifier": from_pretrained on a
     # *ForSequenceClassification would load that RTD head as the STS-B regression head (same name and shape
     # for ALBERT/BERT), so the task model is built fresh and only the encoder weights are copied in.
