@@ -275,6 +275,54 @@ def finetune(model_dir: pathlib.Path, name: str, args: argparse.Namespace, out: 
     return report
 
 
+def last_eval(run_dir: pathlib.Path, metric: str) -> float | None:
+    """The last held-out value of `metric` the engine's CSV monitor wrote (`logs/*/eval_<metric>.csv`)."""
+    files = sorted(run_dir.glob(f"logs/*/eval_{metric}.csv"))
+    rows = files[-1].read_text().split() if files else []
+    return float(rows[-1].split(",")[1]) if len(rows) > 1 else None
+
+
+def discriminator_check(run_dir: pathlib.Path) -> str:
+    """Did the discriminator learn anything? Its held-out accuracy against calling every token "original"
+    (1 - replaced fraction) and its loss against the entropy of the labels: a discriminator sitting at
+    both base rates has learned nothing a fine-tune could use (see RESULTS.md, GLUE section)."""
+    import math
+
+    accuracy, loss, replaced = (
+        last_eval(run_dir, m) for m in ("disc_accuracy", "disc_loss", "replaced_fraction")
+    )
+    if None in (accuracy, loss, replaced) or not 0 < replaced < 1:
+        return f"discriminator check: no held-out metrics under {run_dir}/logs"
+    entropy = -(replaced * math.log(replaced) + (1 - replaced) * math.log(1 - replaced))
+    learned = accuracy - (1 - replaced) > 0.005 and loss < 0.98 * entropy
+    verdict = "above the base rate" if learned else 'AT THE BASE RATE: no better than always-"original"'
+    return (
+        f"discriminator check (held-out, end of pretraining): accuracy {100 * accuracy:.2f} % vs "
+        f'{100 * (1 - replaced):.2f} % for always-"original"; loss {loss:.4f} vs label entropy '
+        f"{entropy:.4f} -> {verdict}"
+    )
+
+
+def token_spread(model_dir: pathlib.Path, glue_dir: pathlib.Path, n: int = 256) -> float:
+    """Mean over hidden units of the standard deviation, across the first `n` SST-2 dev sentences, of the
+    final hidden state at token position 3: ~0 means the encoder maps every input to the same vector
+    (representation collapse), which no short fine-tune undoes."""
+    import csv
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    with open(glue_dir / "SST-2" / "dev.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+    tokenizer, encoder = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    batch = tokenizer(
+        [r["sentence"] for r in rows], padding=True, truncation=True, max_length=128, return_tensors="pt"
+    )
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state  # (n, T, H)
+    return hidden[:, 3].std(dim=0).mean().item()
+
+
 def comparison_table(random_report: dict, pretrained_report: dict) -> str:
     """Per task and metric: median [min, max] over seeds for both models, difference and ratio."""
     lines = [
@@ -319,6 +367,7 @@ def main() -> int:
             timings["tapt_data_s"] = time.perf_counter() - start
         timings["pretrain_s"] = pretrain(args, source, data)
         (work / "timings_pretrain.json").write_text(json.dumps(timings, indent=2) + "\n")
+        print("[bench] " + discriminator_check(source), file=sys.stderr)
     discriminator = export_discriminator(source, work / "export")
     models = {"random-init": random_copy(discriminator, work / "random_init"), "pretrained": discriminator}
     reports = {}
@@ -344,6 +393,14 @@ def main() -> int:
     header, rule = tables[0].splitlines()[:2]
     text = "\n".join([header, rule, *[t.splitlines()[2] for t in tables]]) + "\n\n"
     text += comparison_table(reports["random-init"], reports["pretrained"])
+    if (source / "logs").is_dir():
+        text += "\n" + discriminator_check(source) + "\n"
+    spread = {n: token_spread(models[n], args.glue_dir) for n in models}
+    text += (
+        "token representation spread (std across 256 SST-2 dev sentences of the final hidden state at "
+        f"position 3, mean over units): random-init {spread['random-init']:.3f}, pretrained "
+        f"{spread['pretrained']:.3f}\n"
+    )
     rounded = {k: round(v) for k, v in timings.items()}
     text += f"\nseeds {reports['pretrained']['seeds']}; timings (s): {json.dumps(rounded)}\n"
     (work / "comparison.md").write_text(text)
