@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 VOCAB = 30522
@@ -49,7 +50,7 @@ def make_batch(batch: int, seq_len: int):
     return ids, torch.ones_like(ids), token_type_ids
 
 
-def compile_networks(networks) -> None:
+def compile_networks(networks: Iterable) -> None:
     """torch.compile (inductor) each HF network in place, so parameter names and the module tree stay as they
     are. `fallback_random` keeps dropout on torch's RNG: inductor's own CPU dropout was ~30% slower per step
     here, and with it a fixed seed gives eager's dropout masks, so compiled and eager losses can be compared.
