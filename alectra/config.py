@@ -113,7 +113,7 @@ class TrainSection:
     micro_batch_size: int = 16
     """Sequences per forward pass per rank; gradient accumulation = global / (micro x data-parallel size)."""
     optimizer: str = "adamw"
-    """"adamw" (torch fused / DeepSpeed FusedAdam on GPU, DeepSpeedCPUAdam with CPU offload) or "lamb"
+    """"adamw" (torch's fused AdamW on GPU and CPU, DeepSpeedCPUAdam with CPU offload) or "lamb"
     (per-tensor trust ratios, so only with ZeRO stage 0: ZeRO partitions flatten the tensors)."""
     lr: float = 1e-3
     """Peak learning rate (ELECTRA-Small: 5e-4 at batch 128; ALECTRA-Small: 2e-3 at batch 512)."""
