@@ -223,7 +223,8 @@ class ElectraPretrainingModel(nn.Module):
         """The sampling + generator-CE implementation for this device (see ModelConfig.kernels)."""
         if self.config.kernels == "auto" and device.type != "cuda":
             # The bit-exact Philox reference costs ~40 ms per masked row at V = 30522 on a CPU (6 s of a
-            # 15 s ELECTRA-Small step at batch 8); torch's RNG gives the same distribution ~100x cheaper.
+            # 15 s ELECTRA-Small step at batch 8); inverse-CDF sampling with torch's RNG draws the same
+            # distribution with one uniform per row.
             return functools.partial(sample_and_cross_entropy_reference, noise="torch")
         return functools.partial(sample_and_cross_entropy, use_triton=self._use_triton(device))
 

@@ -260,3 +260,19 @@ def test_torch_noise_sampler_matches_softmax_and_is_deterministic():
     expected = torch.softmax(logits[0].detach(), -1) * rows
     chi2 = float(((torch.bincount(samples, minlength=vocab) - expected) ** 2 / expected).sum())
     assert chi2 < 30.0, chi2  # 7 dof: P(chi2 > 30) ~ 1e-4
+
+
+def test_torch_noise_sampler_never_draws_a_zero_probability_token_and_follows_temperature():
+    from kernels.sampling import sample_from_softmax_reference
+
+    rows = 20000
+    row = torch.tensor([0.5, float("-inf"), 0.0, -1.0, float("-inf")])
+    samples = sample_from_softmax_reference(
+        row.expand(rows, 5).contiguous(), seed=11, temperature=0.5, noise="torch"
+    )
+    counts = torch.bincount(samples, minlength=5)
+    assert counts[1] == 0 and counts[4] == 0
+    keep = torch.tensor([0, 2, 3])
+    expected = torch.softmax(row[keep] / 0.5, -1) * rows
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < 13.8, chi2  # 2 dof: P(chi2 > 13.8) ~ 1e-3
