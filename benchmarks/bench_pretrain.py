@@ -3,7 +3,8 @@ and CSV monitor every step) against a bare loop that trains on the SAME batches 
 side, alternating, each in its own subprocess.
 
 The bare loop draws its batches through the project's own pipeline with the engine's run config
-(`build_pretraining_datasets` + `build_dataloader`, same dataset, seed, sample order and micro-batch), builds
+(`alectra.training.build.pretraining_datasets` + `build_dataloader`: same dataset, seed, sample order and
+micro-batch), builds
 the same `ElectraPretrainingModel` (same init seed) and the same torch AdamW (`build_optimizer`: parameter
 groups, betas, eps, weight decay), LR schedule and clipping norm, and seeds masking/sampling/dropout per step
 exactly as the trainer does. So both runs compute the same losses, which this script checks step by step
@@ -66,25 +67,17 @@ def bare_worker(overrides: list[str]) -> dict:
     import torch
 
     from alectra.config import load_config
-    from alectra.data import build_dataloader, build_pretraining_datasets
+    from alectra.data import build_dataloader
     from alectra.masking import derive_seed, step_seed
     from alectra.model import ElectraPretrainingModel
-    from alectra.training.build import load_and_check_tokenizer
+    from alectra.training.build import load_and_check_tokenizer, pretraining_datasets
     from alectra.training.optim import build_optimizer, build_scheduler
     from alectra.training.trainer import DROPOUT_STREAM
 
     cfg = load_config(None, overrides)
     paths = [cfg.data.demo_dir]
     _, manifest = load_and_check_tokenizer(cfg, paths)
-    # As alectra.training.build.build_trainer: same arguments, so the same samples in the same order.
-    train_ds, _ = build_pretraining_datasets(
-        paths,
-        cfg.data.weights,
-        max_seq_length=cfg.data.max_seq_length,
-        seed=cfg.train.seed,
-        valid_fraction=cfg.data.valid_fraction,
-        num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
-    )
+    train_ds, _ = pretraining_datasets(cfg, paths)  # the engine's samples, in the engine's order
     loader = build_dataloader(
         train_ds,
         micro_batch_size=cfg.train.micro_batch_size,

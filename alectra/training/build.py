@@ -150,9 +150,22 @@ def _restore(engine: Any, info: CheckpointInfo, same_world: bool) -> TrainState:
     return state
 
 
+def pretraining_datasets(cfg: RunConfig, paths: list[str]) -> tuple[Any, Any]:
+    """(train, valid) datasets of a run: which samples, in which order, follows from the run config alone."""
+    from alectra.data import build_pretraining_datasets
+
+    return build_pretraining_datasets(
+        paths,
+        cfg.data.weights,
+        max_seq_length=cfg.data.max_seq_length,
+        seed=cfg.train.seed,
+        valid_fraction=cfg.data.valid_fraction,
+        num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
+    )
+
+
 def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:
     """Everything up to the first step; collective (call on every rank)."""
-    from alectra.data import build_pretraining_datasets
     from alectra.export import export_checkpoint, write_model_metadata
     from alectra.model import ElectraPretrainingModel
 
@@ -167,14 +180,7 @@ def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:
     tokenizer, manifest = load_and_check_tokenizer(cfg, paths)
     special = manifest["tokenizer"]["special_tokens"]
     vocab_size = int(manifest["tokenizer"]["vocab_size"])
-    train_ds, valid_ds = build_pretraining_datasets(
-        paths,
-        cfg.data.weights,
-        max_seq_length=cfg.data.max_seq_length,
-        seed=cfg.train.seed,
-        valid_fraction=cfg.data.valid_fraction,
-        num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
-    )
+    train_ds, valid_ds = pretraining_datasets(cfg, paths)
 
     resume = find_resume(cfg.checkpoint_dir, cfg.checkpoint.resume)
     same_world = resume is None or resume.world_size == dp_size
