@@ -214,17 +214,26 @@ def random_copy(discriminator: pathlib.Path, out: pathlib.Path, seed: int = 0) -
     import torch
     from transformers import AutoConfig, AutoModelForTokenClassification
 
+    from alectra.model import write_dir_atomically
+
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(seed)
     model = AutoModelForTokenClassification.from_config(AutoConfig.from_pretrained(discriminator))
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in discriminator.iterdir():
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json":
+    extra = [
+        f
+        for f in discriminator.iterdir()
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json"
+    ]
+
+    def write(tmp: pathlib.Path) -> None:
+        model.save_pretrained(tmp)
+        for f in extra:
             shutil.copy2(f, tmp / f.name)
-    tmp.rename(out)
+
+    # A private temporary folder per call: side-by-side calls (`--models random-init` and `--models
+    # pretrained`) both build it, the same seed gives the same weights, and neither trips over the other.
+    write_dir_atomically(out, write)
     return out
 
 
