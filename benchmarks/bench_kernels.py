@@ -2,12 +2,16 @@
 
     python benchmarks/bench_kernels.py                 # default shapes, bf16 and fp32
     python benchmarks/bench_kernels.py --dtype bf16    # one dtype
+    python benchmarks/bench_kernels.py --sweep         # plus other launch configurations, largest shapes
 
-Times are `triton.testing.do_bench` medians (ms) of forward + backward, measured in this process side by side:
+Before timing a shape, each kernel's forward and backward are checked against its reference on that same
+input (loss, counts, gradients within per-dtype tolerances; sampling: the same samples, since both draw the
+same Philox noise); a mismatch aborts the run. Times are `triton.testing.do_bench` medians (ms) of forward +
+backward, measured in this process side by side:
 
 - rtd_loss: ours (`kernels.rtd_loss.rtd_loss`) vs `rtd_loss_reference` (eager PyTorch, autograd backward).
   GB/s counts the bytes the fused forward must move (logits, int64 labels, bool mask in; fp32 gradient out)
-  plus the backward rescale (fp32 gradient in, logits-dtype gradient out).
+  plus the backward rescale (fp32 gradient in, logits-dtype gradient out); three launches in all.
 - sampling + generator CE at vocabulary 30522: ours vs two PyTorch baselines:
   `sample_and_cross_entropy_reference` (bit-exact Philox emulation, many small kernels) and an eager torch
   baseline (torch.rand Gumbel noise, F.cross_entropy), what a plain PyTorch implementation would do. GB/s
@@ -26,10 +30,15 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VOCAB = 30522
+DEVICE = "cuda"
+# Shapes: RTD token counts, sampling rows (masked positions; 19 per 128-token sequence), sweep sizes.
+RTD_SIZES = (32 * 128, 128 * 128, 256 * 512, 1 << 24, 1 << 26)
+SAMPLING_ROWS = (32 * 19, 128 * 19, 8192)
+SWEEP_N, SWEEP_M = 1 << 26, 8192
 
 
 def copy_bandwidth_gbs(do_bench) -> float:
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
+    src = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE)  # 1 GiB
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src))
     return 2 * src.numel() * 4 / ms / 1e6
@@ -57,42 +66,153 @@ def eager_sampling_baseline(logits, targets, *, seed, temperature=1.0):
     return loss, samples, n_correct
 
 
+# Launch configurations swept at the largest shape of each kernel: (elements per program, warps) for the RTD
+# loss, (vocabulary block, warps) for sampling. The first of each is the shipped default.
+RTD_CONFIGS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
+SAMPLING_CONFIGS = ((4096, 8), (2048, 4), (2048, 8), (4096, 16), (8192, 16))
+# Per-dtype tolerances of the correctness check (relative, on gradients scaled by the element count).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def check_rtd(logits, labels, mask) -> str:
+    """Ours vs the reference on this input: loss, counts, gradient; raises on a mismatch."""
+    from kernels.rtd_loss import rtd_loss, rtd_loss_reference
+
+    results = []
+    for fn in (rtd_loss, rtd_loss_reference):
+        leaf = logits.detach().requires_grad_(True)
+        loss, counts = fn(leaf, labels, mask)
+        loss.backward()
+        results.append((loss.float(), counts, leaf.grad.float() * mask.sum()))
+    (loss, counts, grad), (ref_loss, ref_counts, ref_grad) = results
+    tol = TOLERANCE[logits.dtype]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(counts, ref_counts, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=1e-5)
+    return f"ok (grad max diff {float((grad - ref_grad).abs().max()):.1e})"
+
+
+def check_sampling(logits, targets) -> str:
+    """Ours vs the bit-exact-noise reference: loss, argmax count, gradient, samples; raises on a mismatch."""
+    from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
+
+    results = []
+    for fn in (sample_and_cross_entropy, sample_and_cross_entropy_reference):
+        leaf = logits.detach().requires_grad_(True)
+        loss, samples, n_correct = fn(leaf, targets, seed=7)
+        loss.backward()
+        results.append((loss.float(), samples, n_correct, leaf.grad.float() * logits.shape[0]))
+    (loss, samples, correct, grad), (ref_loss, ref_samples, ref_correct, ref_grad) = results
+    tol = TOLERANCE[logits.dtype]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(correct, ref_correct, rtol=0, atol=0)
+    # Softmax entries are ~1/V: an absolute tolerance near the relative one would accept any gradient.
+    torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=1e-6)
+    # Same Philox noise, so the same samples, except where fused multiply-add rounding flips a near-tie.
+    differ = float((samples != ref_samples).float().mean())
+    if differ > 1e-3:
+        raise AssertionError(f"samples differ from the reference's in {100 * differ:.2f} % of rows")
+    return f"ok (samples differ {100 * differ:.3f} %)"
+
+
 def bench_rtd(do_bench, dtype, copy_gbs) -> list[str]:
     from kernels.rtd_loss import rtd_loss, rtd_loss_reference
 
     rows = []
-    for n in (32 * 128, 256 * 512, 1 << 24):
-        logits = torch.randn(n, device="cuda", dtype=dtype)
-        labels = (torch.rand(n, device="cuda") < 0.15).long()
-        mask = torch.rand(n, device="cuda") < 0.9
+    for n in RTD_SIZES:
+        logits = torch.randn(n, device=DEVICE, dtype=dtype)
+        labels = (torch.rand(n, device=DEVICE) < 0.15).long()
+        mask = torch.rand(n, device=DEVICE) < 0.9
+        checked = check_rtd(logits, labels, mask)
         ours = do_bench(fwd_bwd(rtd_loss, logits, labels, mask))
         ref = do_bench(fwd_bwd(rtd_loss_reference, logits, labels, mask))
-        item = logits.element_size()
-        moved = n * (item + 8 + 1 + 4) + n * (4 + item)
-        gbs = moved / ours / 1e6
+        gbs = rtd_bytes(logits, labels) / ours / 1e6
         rows.append(
             f"| rtd_loss | N={n} | {dtype_name(dtype)} | {ours:.4f} | {ref:.4f} | {ref / ours:.2f}x | "
-            f"- | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
+            f"- | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {checked} |"
         )
     return rows
+
+
+def rtd_bytes(logits, labels) -> int:
+    """Bytes the fused forward must move (logits, labels, bool mask in; fp32 gradient out) plus the backward
+    rescale (fp32 gradient in, logits-dtype gradient out)."""
+    n = logits.numel()
+    return n * (logits.element_size() + labels.element_size() + 1 + 4) + n * (4 + logits.element_size())
+
+
+def sampling_bytes(logits) -> int:
+    """Two reads of the logits and one write of the gradient (the fused kernel's minimum) plus the backward
+    rescale (read and write of the gradient)."""
+    return 5 * logits.numel() * logits.element_size()
 
 
 def bench_sampling(do_bench, dtype, copy_gbs) -> list[str]:
     from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
 
     rows = []
-    for m in (32 * 19, 256 * 19, 8192):
-        logits = torch.randn(m, VOCAB, device="cuda", dtype=dtype)
-        targets = torch.randint(0, VOCAB, (m,), device="cuda")
+    for m in SAMPLING_ROWS:
+        logits = torch.randn(m, VOCAB, device=DEVICE, dtype=dtype)
+        targets = torch.randint(0, VOCAB, (m,), device=DEVICE)
+        checked = check_sampling(logits, targets)
         ours = do_bench(fwd_bwd(sample_and_cross_entropy, logits, targets, seed=1))
         ref = do_bench(fwd_bwd(sample_and_cross_entropy_reference, logits, targets, seed=1))
         eager = do_bench(fwd_bwd(eager_sampling_baseline, logits, targets, seed=1))
-        item = logits.element_size()
-        moved = 3 * m * VOCAB * item + 2 * m * VOCAB * item
-        gbs = moved / ours / 1e6
+        gbs = sampling_bytes(logits) / ours / 1e6
         rows.append(
             f"| sample+CE | M={m} V={VOCAB} | {dtype_name(dtype)} | {ours:.4f} | {ref:.4f} | "
-            f"{ref / ours:.2f}x | {eager / ours:.2f}x | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
+            f"{ref / ours:.2f}x | {eager / ours:.2f}x | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% | {checked} |"
+        )
+    return rows
+
+
+def sweep(do_bench, dtype, copy_gbs) -> list[str]:
+    """Forward + backward launches (no autograd) of each launch configuration at the largest shapes."""
+    from kernels.rtd_loss import rtd_loss_backward, rtd_loss_forward
+    from kernels.sampling import sample_and_cross_entropy_backward, sample_and_cross_entropy_forward
+
+    rows = []
+    n = SWEEP_N
+    logits = torch.randn(n, device=DEVICE, dtype=dtype)
+    labels = (torch.rand(n, device=DEVICE) < 0.15).long()
+    mask = torch.rand(n, device=DEVICE) < 0.9
+    one = torch.ones((), device=DEVICE)
+    for block, warps in RTD_CONFIGS:
+
+        def rtd_run(block=block, warps=warps):
+            _, counts, grad = rtd_loss_forward(logits, labels, mask, block=block, num_warps=warps)
+            rtd_loss_backward(grad, counts, one, dtype, block=block, num_warps=warps)
+
+        ms = do_bench(rtd_run)
+        gbs = rtd_bytes(logits, labels) / ms / 1e6
+        rows.append(
+            f"| rtd_loss | N={n} block={block} warps={warps} | {dtype_name(dtype)} | {ms:.4f} | "
+            f"{gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
+        )
+    m = SWEEP_M
+    logits = torch.randn(m, VOCAB, device=DEVICE, dtype=dtype)
+    targets = torch.randint(0, VOCAB, (m,), device=DEVICE)
+    for block_v, warps in SAMPLING_CONFIGS:
+
+        def sampling_run(block_v=block_v, warps=warps):
+            _, _, _, grad = sample_and_cross_entropy_forward(
+                logits,
+                targets,
+                seed=1,
+                temperature=1.0,
+                positions=None,
+                disc_input_ids=None,
+                replaced_labels=None,
+                block_v=block_v,
+                num_warps=warps,
+            )
+            sample_and_cross_entropy_backward(grad, one)
+
+        ms = do_bench(sampling_run)
+        gbs = sampling_bytes(logits) / ms / 1e6
+        rows.append(
+            f"| sample+CE | M={m} V={VOCAB} block_v={block_v} warps={warps} | {dtype_name(dtype)} | "
+            f"{ms:.4f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
         )
     return rows
 
@@ -106,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), action="append", help="repeatable; default bf16 fp32"
     )
+    parser.add_argument(
+        "--sweep", action="store_true", help="also time other launch configurations at the largest shapes"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(
@@ -118,16 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs(do_bench)
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {copy_gbs:.0f} GB/s (1 GiB copy_)")
+    dtypes = [DTYPES[name] for name in args.dtype or ["bf16", "fp32"]]
     print(
         "| kernel | shape | dtype | ours ms | reference ms | reference / ours | eager torch / ours | "
-        "ours GB/s | of copy BW |"
+        "ours GB/s | of copy BW | check vs reference |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in args.dtype or ["bf16", "fp32"]:
-        for row in bench_rtd(do_bench, DTYPES[name], copy_gbs) + bench_sampling(
-            do_bench, DTYPES[name], copy_gbs
-        ):
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype in dtypes:
+        for row in bench_rtd(do_bench, dtype, copy_gbs) + bench_sampling(do_bench, dtype, copy_gbs):
             print(row, flush=True)
+    if args.sweep:
+        print("\nLaunch configurations (forward + backward launches, no autograd):")
+        print("| kernel | shape / config | dtype | ms | GB/s | of copy BW |")
+        print("|---|---|---|---|---|---|")
+        for dtype in dtypes:
+            for row in sweep(do_bench, dtype, copy_gbs):
+                print(row, flush=True)
     return 0
 
 

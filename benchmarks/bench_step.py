@@ -18,6 +18,11 @@ eager run shows how much of a gain is compilation and how much is the model.
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py                       # electra-small, alectra-small
     OMP_NUM_THREADS=1 python benchmarks/bench_step.py --presets electra-small --compile
     python benchmarks/bench_step.py --presets electra-small --batch 8 --steps 2 --repeats 1
+    python benchmarks/bench_step.py --device cuda --batch 128 --steps 20      # GPU: bf16 autocast, both sides
+
+On a GPU (`--device cuda`) both sides run under `torch.autocast(bfloat16)` with fused AdamW, the clock stops
+after `torch.cuda.synchronize()`, and peak memory is `torch.cuda.max_memory_allocated` (MiB columns); the
+CPU-second columns then only say how busy the launching thread was.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 VOCAB = 30522
 
 
-def make_batch(batch: int, seq_len: int):
+def make_batch(batch: int, seq_len: int, device: str = "cpu"):
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -47,7 +52,7 @@ def make_batch(batch: int, seq_len: int):
     ids[:, -1] = SPECIALS["sep"]
     token_type_ids = torch.zeros_like(ids)
     token_type_ids[:, seq_len // 2 + 1 :] = 1
-    return ids, torch.ones_like(ids), token_type_ids
+    return ids.to(device), torch.ones_like(ids).to(device), token_type_ids.to(device)
 
 
 def compile_networks(networks: Iterable) -> None:
@@ -65,7 +70,7 @@ def compile_networks(networks: Iterable) -> None:
 class NaiveBaseline:
     """Untied generator + discriminator, full-vocabulary projection at every position, torch sampling."""
 
-    def __init__(self, preset: str):
+    def __init__(self, preset: str, device: str):
         import torch
         from transformers import AlbertForTokenClassification, ElectraForMaskedLM, ElectraForPreTraining
 
@@ -77,8 +82,10 @@ class NaiveBaseline:
         self.generator = ElectraForMaskedLM(gen_cfg)
         disc_cls = AlbertForTokenClassification if disc_cfg.model_type == "albert" else ElectraForPreTraining
         self.discriminator = disc_cls(disc_cfg)
+        self.generator.to(device)
+        self.discriminator.to(device)
         params = list(self.generator.parameters()) + list(self.discriminator.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=device == "cuda")
         self.generator.train()
         self.discriminator.train()
         self.networks = (self.generator, self.discriminator)
@@ -117,17 +124,20 @@ class NaiveBaseline:
 
 
 class Ours:
-    def __init__(self, preset: str):
+    def __init__(self, preset: str, device: str):
         import torch
 
         from alectra.model import ElectraPretrainingModel
         from alectra.presets import get_preset
 
         self.model = ElectraPretrainingModel(get_preset(preset), vocab_size=VOCAB, special_token_ids=SPECIALS)
+        self.model.to(device)
         self.model.train()
         # The encoders + heads that `--compile` compiles; masking, gathers, sampling and loss stay eager.
         self.networks = (self.model.generator.base_model, self.model.discriminator)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, weight_decay=0.01, fused=device == "cuda"
+        )
 
     def step(self, ids, attention_mask, token_type_ids, seed: int) -> float:
         out = self.model(ids, attention_mask, token_type_ids, seed=seed)
@@ -137,25 +147,42 @@ class Ours:
         return out.loss.item()
 
 
-def worker(kind: str, preset: str, batch: int, seq_len: int, steps: int, compile: bool) -> dict:
+def worker(
+    kind: str, preset: str, batch: int, seq_len: int, steps: int, compile: bool, device: str = "cpu"
+) -> dict:
     """Build one model, one warm-up step (compiles, with `compile`), then time `steps` steps; return tokens
-    per wall-second and per CPU-second of this process, peak RSS and the warm-up step's seconds."""
+    per wall-second and per CPU-second of this process, peak memory (RSS on CPU, allocated on a GPU) and the
+    warm-up step's seconds."""
+    import contextlib
+
     import torch
 
     torch.manual_seed(0)
-    runner = (Ours if kind == "ours" else NaiveBaseline)(preset)
+    runner = (Ours if kind == "ours" else NaiveBaseline)(preset, device)
     if compile:
         compile_networks(runner.networks)
-    ids, attention_mask, token_type_ids = make_batch(batch, seq_len)
-    idle_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ids, attention_mask, token_type_ids = make_batch(batch, seq_len, device)
+    cuda = device == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def memory_mib() -> float:
+        if cuda:
+            return torch.cuda.max_memory_allocated() / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    idle_rss = memory_mib()
     warmup_start = time.perf_counter()
-    runner.step(ids, attention_mask, token_type_ids, seed=0)
+    with autocast:
+        runner.step(ids, attention_mask, token_type_ids, seed=0)
     warmup_s = time.perf_counter() - warmup_start
     start, cpu_start = time.perf_counter(), time.process_time()
-    for step in range(steps):
-        runner.step(ids, attention_mask, token_type_ids, seed=step + 1)
+    with autocast:
+        for step in range(steps):
+            runner.step(ids, attention_mask, token_type_ids, seed=step + 1)
+    if cuda:
+        torch.cuda.synchronize()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = memory_mib()
     tokens = batch * seq_len * steps
     return {
         "tokens_per_s": tokens / elapsed,
@@ -168,7 +195,8 @@ def worker(kind: str, preset: str, batch: int, seq_len: int, steps: int, compile
 
 def run_worker(kind: str, args, preset: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--presets", preset, "--batch", str(args.batch)]
-    cmd += ["--seq-len", str(args.seq_len), "--steps", str(args.steps)] + ["--compile"] * args.compile
+    cmd += ["--seq-len", str(args.seq_len), "--steps", str(args.steps), "--device", args.device]
+    cmd += ["--compile"] * args.compile
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -183,10 +211,13 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the encoders of both sides (compile_networks)"
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--worker", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        result = worker(args.worker, args.presets, args.batch, args.seq_len, args.steps, args.compile)
+        result = worker(
+            args.worker, args.presets, args.batch, args.seq_len, args.steps, args.compile, args.device
+        )
         print(json.dumps(result))
         return
 
@@ -197,6 +228,7 @@ def main() -> None:
         f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
         f"batch {args.batch} x {args.seq_len}, {args.steps} timed steps, median of {args.repeats}, "
         f"{'compiled (both sides)' if args.compile else 'eager'}"
+        + (f"; {torch.cuda.get_device_name()}, bf16 autocast" if args.device == "cuda" else "")
     )
     columns = {
         "preset": 14,

@@ -34,7 +34,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels.rtd_loss import RTD_BLOCK, RTD_NUM_WARPS, _rtd_loss_fwd_kernel  # noqa: E402
+from kernels.rtd_loss import (  # noqa: E402
+    RTD_BLOCK,
+    RTD_FINISH_BLOCK,
+    RTD_NUM_WARPS,
+    _rtd_loss_bwd_kernel,
+    _rtd_loss_finish_kernel,
+    _rtd_loss_fwd_kernel,
+)
 from kernels.sampling import SAMPLING_BLOCK_V, SAMPLING_NUM_WARPS, _sample_ce_fwd_kernel  # noqa: E402
 
 CAPABILITIES = (80, 90)
@@ -112,6 +119,38 @@ def specialisations() -> list[Specialisation]:
                 num_warps=RTD_NUM_WARPS,
             )
         )
+        out.append(
+            Specialisation(
+                name=f"rtd_loss_bwd[{dtype}]",
+                fn=_rtd_loss_bwd_kernel,
+                signature={
+                    "grad_ptr": "*fp32",
+                    "counts_ptr": "*i64",
+                    "grad_output_ptr": "*fp32",
+                    "out_ptr": f"*{dtype}",
+                    "n_elements": "i32",
+                    "BLOCK": "constexpr",
+                },
+                constexprs={"BLOCK": RTD_BLOCK},
+                num_warps=RTD_NUM_WARPS,
+            )
+        )
+    out.append(
+        Specialisation(
+            name="rtd_loss_finish",
+            fn=_rtd_loss_finish_kernel,
+            signature={
+                "loss_partial_ptr": "*fp32",
+                "counts_partial_ptr": "*i32",
+                "num_blocks": "i32",
+                "loss_ptr": "*fp32",
+                "counts_ptr": "*i64",
+                "BLOCK": "constexpr",
+            },
+            constexprs={"BLOCK": RTD_FINISH_BLOCK},
+            num_warps=4,
+        )
+    )
     return out
 
 

@@ -12,8 +12,10 @@ and counts tp / fp / fn / tn of the prediction `x > 0` so the discriminator metr
 The mean needs the number of masked-in elements `n`, which is only known once the pass is over. Instead of an
 extra pass (or float atomics, which are not deterministic) the kernel stores the *unscaled* gradient and the
 per-block partial sums; `n = tp + fp + fn + tn` comes from the same pass, and backward rescales the stored
-gradient by `grad_output / n` (the Liger-Kernel cross-entropy idea: backward is a rescale). Partial sums are
-reduced in a fixed order, so the loss is bit-for-bit deterministic for a given shape.
+gradient by `grad_output / n` (the Liger-Kernel cross-entropy idea: backward is a rescale). A one-program
+kernel reduces the partial sums in a fixed order (so the loss is bit-for-bit deterministic for a given shape)
+and writes the loss and the counts; the backward kernel reads `grad_output` and `n` from device memory and
+writes the logits-dtype gradient in one pass. Three launches in all, no host synchronisation.
 
 Legend for shape comments: N = number of tokens (B * T flattened).
 """
@@ -29,6 +31,8 @@ from kernels._device import check_triton_device
 # bytes in flight per SM for a bandwidth-bound kernel without spilling (see benchmarks/RESULTS.md).
 RTD_BLOCK = 1024
 RTD_NUM_WARPS = 4
+# The finishing kernel reduces this many block partials per iteration, in one program.
+RTD_FINISH_BLOCK = 1024
 
 
 @triton.jit
@@ -82,22 +86,82 @@ def _rtd_loss_fwd_kernel(
     tl.store(counts_row + 3, tn)
 
 
+@triton.jit
+def _rtd_loss_finish_kernel(
+    loss_partial_ptr, counts_partial_ptr, num_blocks, loss_ptr, counts_ptr, BLOCK: tl.constexpr
+):
+    """One program: the fixed-order sums of the block partials, the mean loss and the int64 counts.
+
+    loss_partial_ptr: (num_blocks,) fp32.  counts_partial_ptr: (num_blocks, 4) int32 row-major.
+    loss_ptr: (1,) fp32; receives sum(loss) / max(n, 1).  counts_ptr: (4,) int64; receives [tp, fp, fn, tn].
+    """
+    offs = tl.arange(0, BLOCK)
+    loss_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    tp = tl.zeros((BLOCK,), dtype=tl.int64)
+    fp = tl.zeros((BLOCK,), dtype=tl.int64)
+    fn = tl.zeros((BLOCK,), dtype=tl.int64)
+    tn = tl.zeros((BLOCK,), dtype=tl.int64)
+    for start in range(0, num_blocks, BLOCK):
+        block = start + offs
+        valid = block < num_blocks
+        loss_acc += tl.load(loss_partial_ptr + block, mask=valid, other=0.0)
+        row = counts_partial_ptr + block.to(tl.int64) * 4
+        tp += tl.load(row + 0, mask=valid, other=0).to(tl.int64)
+        fp += tl.load(row + 1, mask=valid, other=0).to(tl.int64)
+        fn += tl.load(row + 2, mask=valid, other=0).to(tl.int64)
+        tn += tl.load(row + 3, mask=valid, other=0).to(tl.int64)
+    n_tp = tl.sum(tp, axis=0)
+    n_fp = tl.sum(fp, axis=0)
+    n_fn = tl.sum(fn, axis=0)
+    n_tn = tl.sum(tn, axis=0)
+    n = tl.maximum(n_tp + n_fp + n_fn + n_tn, 1)
+    tl.store(loss_ptr, tl.sum(loss_acc, axis=0) / n.to(tl.float32))
+    tl.store(counts_ptr + 0, n_tp)
+    tl.store(counts_ptr + 1, n_fp)
+    tl.store(counts_ptr + 2, n_fn)
+    tl.store(counts_ptr + 3, n_tn)
+
+
+@triton.jit
+def _rtd_loss_bwd_kernel(grad_ptr, counts_ptr, grad_output_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+    """out = grad * grad_output / max(n, 1), rounded once to out's dtype.
+
+    grad_ptr: (N,) fp32 unscaled gradient from the forward.  counts_ptr: (4,) int64 [tp, fp, fn, tn] (n is
+    their sum).  grad_output_ptr: (1,) d outer loss / d rtd loss, any float dtype.
+    out_ptr: (N,) logits dtype.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_bounds = offs < n_elements
+    n = tl.load(counts_ptr + 0) + tl.load(counts_ptr + 1) + tl.load(counts_ptr + 2) + tl.load(counts_ptr + 3)
+    scale = tl.load(grad_output_ptr).to(tl.float32) / tl.maximum(n, 1).to(tl.float32)
+    grad = tl.load(grad_ptr + offs, mask=in_bounds, other=0.0)
+    tl.store(out_ptr + offs, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
 def rtd_loss_forward(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    block: int = RTD_BLOCK,
+    num_warps: int = RTD_NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel. Returns (loss fp32 scalar, counts int64 (4,), unscaled fp32 gradient (N,))."""
+    """Launch the fused kernel and its reduction. Returns (loss fp32 scalar, counts int64 (4,), unscaled fp32
+    gradient (N,)). `block` / `num_warps`: launch configuration (benchmarks sweep them)."""
     logits = logits.contiguous()
     labels = labels.contiguous()
     mask = mask.contiguous()
     if labels.dtype == torch.bool:
         labels = labels.view(torch.uint8)
     n_elements = logits.numel()
-    num_blocks = max(1, triton.cdiv(n_elements, RTD_BLOCK))
+    num_blocks = max(1, triton.cdiv(n_elements, block))
+    device = logits.device
     # fp32 even for bf16/fp16 logits: backward then rounds once, after the rescale (4 bytes per token, tiny
     # next to the discriminator's activations).
-    grad = torch.empty(n_elements, dtype=torch.float32, device=logits.device)  # (N,)
-    loss_partial = torch.empty(num_blocks, dtype=torch.float32, device=logits.device)
-    counts_partial = torch.empty(num_blocks, 4, dtype=torch.int32, device=logits.device)
+    grad = torch.empty(n_elements, dtype=torch.float32, device=device)  # (N,)
+    loss_partial = torch.empty(num_blocks, dtype=torch.float32, device=device)
+    counts_partial = torch.empty(num_blocks, 4, dtype=torch.int32, device=device)
     _rtd_loss_fwd_kernel[(num_blocks,)](
         logits,
         labels,
@@ -106,21 +170,34 @@ def rtd_loss_forward(
         loss_partial,
         counts_partial,
         n_elements,
-        BLOCK=RTD_BLOCK,
-        num_warps=RTD_NUM_WARPS,
+        BLOCK=block,
+        num_warps=num_warps,
     )
-    counts = counts_partial.sum(dim=0, dtype=torch.int64)  # (4,) [tp, fp, fn, tn]
-    loss = loss_partial.sum() / counts.sum().clamp(min=1)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    counts = torch.empty(4, dtype=torch.int64, device=device)  # [tp, fp, fn, tn]
+    _rtd_loss_finish_kernel[(1,)](
+        loss_partial, counts_partial, num_blocks, loss, counts, BLOCK=RTD_FINISH_BLOCK, num_warps=4
+    )
     return loss, counts, grad
 
 
 def rtd_loss_backward(
-    grad: torch.Tensor, counts: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype
+    grad: torch.Tensor,
+    counts: torch.Tensor,
+    grad_output: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    block: int = RTD_BLOCK,
+    num_warps: int = RTD_NUM_WARPS,
 ) -> torch.Tensor:
     """d loss / d logits = stored (sigmoid(x) - y) * mask, rescaled by grad_output / n (n = mask count)."""
-    scale = grad_output.float() / counts.sum().clamp(min=1)  # 0-d fp32; no host sync
     # Out of place, so a second backward (retain_graph=True) still sees the unscaled gradient.
-    return (grad * scale).to(dtype)
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    n_elements = grad.numel()
+    _rtd_loss_bwd_kernel[(max(1, triton.cdiv(n_elements, block)),)](
+        grad, counts, grad_output.reshape(1), out, n_elements, BLOCK=block, num_warps=num_warps
+    )
+    return out
 
 
 class RTDLossFunction(torch.autograd.Function):

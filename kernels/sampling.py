@@ -156,10 +156,13 @@ def sample_and_cross_entropy_forward(
     positions: torch.Tensor | None,
     disc_input_ids: torch.Tensor | None,
     replaced_labels: torch.Tensor | None,
+    block_v: int = SAMPLING_BLOCK_V,
+    num_warps: int = SAMPLING_NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused kernel.
 
     Returns (loss fp32 scalar, samples (M,) int64, n_correct int64 scalar, grad (M, V) logits dtype).
+    `block_v` / `num_warps`: launch configuration (benchmarks sweep them).
     """
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -189,8 +192,8 @@ def sample_and_cross_entropy_forward(
             1.0 / temperature,
             1.0 / rows,
             SCATTER=scatter,
-            BLOCK_V=min(SAMPLING_BLOCK_V, triton.next_power_of_2(vocab_size)),
-            num_warps=SAMPLING_NUM_WARPS,
+            BLOCK_V=min(block_v, triton.next_power_of_2(vocab_size)),
+            num_warps=num_warps,
         )
     loss = row_loss.sum() / max(rows, 1)
     return loss, samples, correct.sum(dtype=torch.int64), grad
