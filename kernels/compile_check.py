@@ -111,7 +111,7 @@ def specialisations() -> list[Specialisation]:
                     "mask_ptr": "*u8",
                     "grad_ptr": "*fp32",
                     "loss_partial_ptr": "*fp32",
-                    "counts_partial_ptr": "*i32",
+                    "counts_partial_ptr": "*i64",
                     "n_elements": "i32",
                     "BLOCK": "constexpr",
                 },
@@ -141,7 +141,7 @@ def specialisations() -> list[Specialisation]:
             fn=_rtd_loss_finish_kernel,
             signature={
                 "loss_partial_ptr": "*fp32",
-                "counts_partial_ptr": "*i32",
+                "counts_partial_ptr": "*i64",
                 "num_blocks": "i32",
                 "loss_ptr": "*fp32",
                 "counts_ptr": "*i64",

@@ -4,8 +4,10 @@ For each row of generator logits (one row per masked position) one program
 
 1. reads the row once, in BLOCK_V vocabulary blocks, keeping an online max / sum-of-exp (the logsumexp), the
    argmax of the logits (for the generator accuracy) and the Gumbel-max argmax of `logits / T + g`, where
-   `g = -log(-log(u))` and `u = tl.rand(seed, row * V + col)`: counter-based Philox noise, nothing stored
-   (Triton tutorial 04-low-memory-dropout). google-research/electra samples the same way
+   `g = -log(-log(u))` and `u` is counter-based Philox noise, nothing stored (Triton tutorial
+   04-low-memory-dropout): word `col % 4` of `tl.rand4x(seed, row * ceil(V / 4) + col // 4)`, so one
+   Philox-4x32-10 evaluation serves four columns (Philox's integer work, not memory, bounds this kernel on
+   a GPU: benchmarks/RESULTS.md). google-research/electra samples the same way
    (`pretrain_helpers.sample_from_softmax`: Gumbel noise added to `logits / temperature`, then argmax);
 2. writes the sampled id, the per-row loss `lse - x[target]` and `argmax == target`, and optionally scatters
    the sample into the discriminator input and `replaced = sample != target` into the label buffer;
@@ -16,7 +18,7 @@ For each row of generator logits (one row per masked position) one program
 Noise and comparisons are fp32 whatever the logits dtype, and `u` is clamped into (0, 1): with fp16 noise,
 `-log(-log(u))` hits `log(0)` and the Gumbel-softmax fp16 NaN appears.
 
-`sample_and_cross_entropy_reference` re-implements `tl.rand` (Philox-4x32-10 exactly as in
+`sample_and_cross_entropy_reference` re-implements `tl.rand4x` (Philox-4x32-10 exactly as in
 triton/language/random.py) in PyTorch, so both paths draw the same uniforms for the same seed.
 
 Legend for shape comments: M = masked positions (rows), V = vocabulary size, BT = batch * sequence length.
@@ -90,6 +92,8 @@ def _sample_ce_fwd_kernel(
     row_grad = grad_ptr + row * grad_row_stride
     target = tl.load(targets_ptr + row).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+    groups = tl.arange(0, BLOCK_V // 4)  # (BLOCK_V / 4,) Philox counters of one block
+    row_counter = row * ((vocab_size + 3) // 4)
 
     # Pass 1: online logsumexp, argmax of x, Gumbel-max argmax of x / T + g.
     running_max = -float("inf")
@@ -115,7 +119,10 @@ def _sample_ce_fwd_kernel(
         best_logit_idx = tl.where(better, start + block_arg, best_logit_idx)
         best_logit = tl.where(better, block_max, best_logit)
 
-        u = tl.rand(seed, row * vocab_size + offs)  # (BLOCK_V,) fp32 in [0, 1)
+        # Column start + 4g + k takes word k of counter g: interleaving (u0, u2) and (u1, u3), then the two,
+        # gives u0[0], u1[0], u2[0], u3[0], u0[1], ... (BLOCK_V is a multiple of 4, so start // 4 is exact).
+        u0, u1, u2, u3 = tl.rand4x(seed, row_counter + start // 4 + groups)  # 4 x (BLOCK_V / 4,) in [0, 1)
+        u = tl.interleave(tl.interleave(u0, u2), tl.interleave(u1, u3))  # (BLOCK_V,)
         u = tl.minimum(tl.maximum(u, U_MIN), U_MAX)
         gumbel = -tl.log(-tl.log(u))
         score = tl.where(valid, x * inv_temperature + gumbel, -float("inf"))
@@ -230,12 +237,18 @@ class SampleAndCrossEntropyFunction(torch.autograd.Function):
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """`tl.rand(seed, offsets)` in PyTorch, bit for bit: Philox-4x32-10 on (offset_lo, offset_hi, 0, 0).
+    """`tl.rand(seed, offsets)` in PyTorch, bit for bit: word 0 of `philox_uniform4`."""
+    return philox_uniform4(seed, offsets)[..., 0]
 
-    offsets: int64 tensor of counters (any shape); returns fp32 uniforms in [0, 1) of the same shape.
-    Follows triton/language/random.py: key = (seed_lo, seed_hi); output word c0 as int32, negative values
-    bit-flipped, times 4.6566127342e-10 in fp32. 32-bit words live in int64 so that one int64 product of two
-    32-bit words is the exact 64-bit product (mod 2^64): its high half is `umulhi`, its low half `mul`.
+
+def philox_uniform4(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """`tl.rand4x(seed, offsets)` in PyTorch, bit for bit: Philox-4x32-10 on (offset_lo, offset_hi, 0, 0).
+
+    offsets: int64 tensor of counters (any shape); returns fp32 uniforms in [0, 1) of shape (*offsets.shape,
+    4), the four output words in order. Follows triton/language/random.py: key = (seed_lo, seed_hi); each
+    word as int32, negative values bit-flipped, times 4.6566127342e-10 in fp32. 32-bit words live in int64 so
+    that one int64 product of two 32-bit words is the exact 64-bit product (mod 2^64): its high half is
+    `umulhi`, its low half `mul`.
     """
     c0 = offsets & _MASK32
     c1 = (offsets >> 32) & _MASK32
@@ -252,10 +265,20 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c3 = product_a & _MASK32
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    as_int32 = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)
+    words = torch.stack([c0, c1, c2, c3], dim=-1)  # (..., 4)
+    as_int32 = torch.where(words >= 1 << 31, words - (1 << 32), words)
     as_int32 = torch.where(as_int32 < 0, ~as_int32, as_int32)
     scale = torch.tensor(_UINT32_TO_UNIFORM, dtype=torch.float32, device=offsets.device)
     return as_int32.to(torch.float32) * scale
+
+
+def gumbel_uniforms(seed: int, rows: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The kernel's uniforms for `rows` (R,) int64 and every column: (R, V) fp32, word `c % 4` of Philox
+    counter `row * ceil(V / 4) + c // 4`."""
+    n_groups = (vocab_size + 3) // 4
+    groups = torch.arange(n_groups, device=rows.device)  # (G,)
+    words = philox_uniform4(seed, rows[:, None] * n_groups + groups[None, :])  # (R, G, 4)
+    return words.reshape(len(rows), 4 * n_groups)[:, :vocab_size]
 
 
 def sample_from_softmax_reference(
@@ -264,7 +287,7 @@ def sample_from_softmax_reference(
     """One sample per row from softmax(logits / T): logits (M, V) -> samples (M,) int64.
 
     noise="philox": the kernel's Gumbel-max, argmax(logits / T + Gumbel noise), with the kernel's own noise
-    bit for bit (`philox_uniform`); 10 Philox rounds of int64 tensor ops per logit, about 40 ms per row at
+    bit for bit (`gumbel_uniforms`); 10 Philox rounds of int64 tensor ops per 4 logits, ~2 ms per row at
     V = 30522 on a CPU. noise="torch": the same distribution (not the kernel's samples), drawn by
     inverse CDF with one `torch.Generator` uniform per row (softmax, cumsum, searchsorted: ~60 ms for
     608 x 30522 on one CPU core, where Gumbel noise for every logit cost ~400 ms).
@@ -280,12 +303,11 @@ def sample_from_softmax_reference(
         return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab_size - 1)
     if noise != "philox":
         raise ValueError(f"noise={noise!r}: choose 'philox' (the kernel's stream) or 'torch'")
-    cols = torch.arange(vocab_size, device=logits.device)  # (V,)
     chunk_rows = max(1, _REFERENCE_CHUNK_ELEMENTS // max(vocab_size, 1))
     samples = []
     for start in range(0, rows, chunk_rows):
         row_ids = torch.arange(start, min(start + chunk_rows, rows), device=logits.device)  # (R,)
-        u = philox_uniform(seed, row_ids[:, None] * vocab_size + cols[None, :])  # (R, V)
+        u = gumbel_uniforms(seed, row_ids, vocab_size)  # (R, V)
         gumbel = -torch.log(-torch.log(u.clamp(min=U_MIN.value, max=U_MAX.value)))
         scores = logits[start : start + len(row_ids)].float() * inv_temperature + gumbel
         samples.append(scores.argmax(dim=-1))

@@ -13,6 +13,7 @@ import triton.language as tl
 from kernels.sampling import (
     SAMPLING_BLOCK_V,
     philox_uniform,
+    philox_uniform4,
     sample_and_cross_entropy,
     sample_and_cross_entropy_reference,
 )
@@ -65,6 +66,25 @@ def test_philox_reference_is_bit_exact_with_tl_rand(seed, offset_base):
     ref = philox_uniform(seed, offset_base + torch.arange(n, device=DEVICE))
     assert torch.equal(out, ref)
     assert 0.0 <= float(ref.min()) and float(ref.max()) < 1.0
+
+
+@triton.jit
+def _rand4x_kernel(out_ptr, seed, offset_base, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    u0, u1, u2, u3 = tl.rand4x(seed, offset_base + offs)
+    for k, u in enumerate((u0, u1, u2, u3)):
+        tl.store(out_ptr + offs * 4 + k, u, mask=offs < n)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**62 + 17])
+@pytest.mark.parametrize("offset_base", [0, 2**32 - 100])
+def test_philox_reference_is_bit_exact_with_tl_rand4x(seed, offset_base):
+    n = 500
+    out = torch.empty(n, 4, device=DEVICE)
+    _rand4x_kernel[(triton.cdiv(n, 128),)](out, seed, offset_base, n, BLOCK=128)
+    ref = philox_uniform4(seed, offset_base + torch.arange(n, device=DEVICE))
+    assert torch.equal(out, ref)
+    assert len({tuple(col.tolist()[:5]) for col in ref.T}) == 4  # four different words
 
 
 @pytest.mark.parametrize("dtype,atol,rtol", GRAD_TOLERANCES)
