@@ -66,10 +66,19 @@ def eager_sampling_baseline(logits, targets, *, seed, temperature=1.0):
     return loss, samples, n_correct
 
 
-# Launch configurations swept at the largest shape of each kernel: (elements per program, warps) for the RTD
-# loss, (vocabulary block, warps) for sampling. The first of each is the shipped default.
-RTD_CONFIGS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16))
-SAMPLING_CONFIGS = ((4096, 8), (2048, 4), (2048, 8), (4096, 16), (8192, 16))
+# Launch configurations swept at the largest shape of each kernel: (elements per tile, warps, programs per SM;
+# 0 = one program per tile) for the RTD loss, (vocabulary block, warps) for sampling. The first of each is the
+# shipped default.
+RTD_CONFIGS = (
+    (1024, 4, 0),
+    (2048, 8, 0),
+    (1024, 4, 4),
+    (1024, 4, 8),
+    (1024, 4, 16),
+    (512, 4, 16),
+    (2048, 8, 4),
+)
+SAMPLING_CONFIGS = ((2048, 8), (4096, 8), (2048, 4), (1024, 4), (2048, 16))
 # Per-dtype tolerances of the correctness check (relative, on gradients scaled by the element count).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -177,17 +186,19 @@ def sweep(do_bench, dtype, copy_gbs) -> list[str]:
     labels = (torch.rand(n, device=DEVICE) < 0.15).long()
     mask = torch.rand(n, device=DEVICE) < 0.9
     one = torch.ones((), device=DEVICE)
-    for block, warps in RTD_CONFIGS:
+    for block, warps, per_sm in RTD_CONFIGS:
 
-        def rtd_run(block=block, warps=warps):
-            _, counts, grad = rtd_loss_forward(logits, labels, mask, block=block, num_warps=warps)
-            rtd_loss_backward(grad, counts, one, dtype, block=block, num_warps=warps)
+        def rtd_run(block=block, warps=warps, per_sm=per_sm):
+            _, counts, grad = rtd_loss_forward(
+                logits, labels, mask, block=block, num_warps=warps, programs_per_sm=per_sm
+            )
+            rtd_loss_backward(grad, counts, one, dtype)
 
         ms = do_bench(rtd_run)
         gbs = rtd_bytes(logits, labels) / ms / 1e6
         rows.append(
-            f"| rtd_loss | N={n} block={block} warps={warps} | {dtype_name(dtype)} | {ms:.4f} | "
-            f"{gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
+            f"| rtd_loss | N={n} block={block} warps={warps} programs/SM={per_sm or 'one per tile'} | "
+            f"{dtype_name(dtype)} | {ms:.4f} | {gbs:.0f} | {100 * gbs / copy_gbs:.0f}% |"
         )
     m = SWEEP_M
     logits = torch.randn(m, VOCAB, device=DEVICE, dtype=dtype)

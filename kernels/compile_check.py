@@ -113,6 +113,7 @@ def specialisations() -> list[Specialisation]:
                     "loss_partial_ptr": "*fp32",
                     "counts_partial_ptr": "*i64",
                     "n_elements": "i32",
+                    "tiles_per_program": "i32",
                     "BLOCK": "constexpr",
                 },
                 constexprs={"BLOCK": RTD_BLOCK},

@@ -20,6 +20,8 @@ writes the logits-dtype gradient in one pass. Three launches in all, no host syn
 Legend for shape comments: N = number of tokens (B * T flattened).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -27,12 +29,17 @@ import triton.language as tl
 
 from kernels._device import check_triton_device
 
-# Elements per program. 1024 fp32 logits + int64 labels + bool mask is 13 KiB of loads per program: enough
-# bytes in flight per SM for a bandwidth-bound kernel without spilling (see benchmarks/RESULTS.md).
+# Elements per tile. 1024 fp32 logits + int64 labels + bool mask is 13 KiB of loads per tile: enough bytes in
+# flight per SM for a bandwidth-bound kernel without spilling (see benchmarks/RESULTS.md).
 RTD_BLOCK = 1024
 RTD_NUM_WARPS = 4
-# The finishing kernel reduces this many block partials per iteration, in one program.
+# Programs per SM of the forward kernel on a GPU: each loops over tiles (grid-stride) and reduces once at the
+# end; 0 = one program per tile. Swept by benchmarks/bench_kernels.py --sweep.
+RTD_PROGRAMS_PER_SM = 0
+# The finishing kernel reduces this many program partials per iteration, in one program.
 RTD_FINISH_BLOCK = 1024
+# A program's per-lane counts are 16-bit fields, filled by at most one token per tile (see the kernel).
+MAX_TILES_PER_PROGRAM = (1 << 15) - 1
 
 
 @triton.jit
@@ -44,42 +51,58 @@ def _rtd_loss_fwd_kernel(
     loss_partial_ptr,
     counts_partial_ptr,
     n_elements,
+    tiles_per_program,
     BLOCK: tl.constexpr,
 ):
-    """One block of BLOCK tokens: loss partial sum, unscaled gradient, confusion counts.
+    """Tiles pid, pid + P, pid + 2P, ... (P programs): loss partial sum, unscaled gradient, confusion counts.
 
     logits_ptr: (N,) any float dtype, contiguous.  labels_ptr: (N,) {0, 1}, any numeric dtype.
     mask_ptr: (N,) uint8 (a bool tensor viewed as uint8); 0 = padding, ignored.
     grad_ptr: (N,) fp32; receives (sigmoid(x) - y) * mask, *not* divided by the mask count.
-    loss_partial_ptr: (num_blocks,) fp32; receives this block's sum of masked losses.
-    counts_partial_ptr: (num_blocks,) int64; receives this block's [tp, fp, fn, tn], 16 bits each from bit 0.
-    n_elements: N.  BLOCK: tokens per program (power of two, < 2^16).
+    loss_partial_ptr: (P,) fp32; receives this program's sum of masked losses.
+    counts_partial_ptr: (P, 4) int64 row-major; receives this program's [tp, fp, fn, tn].
+    n_elements: N.  tiles_per_program: ceil(ceil(N / BLOCK) / P).  BLOCK: tokens per tile (power of two).
     """
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int64
-    in_bounds = offs < n_elements
-    x = tl.load(logits_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    y = tl.load(labels_ptr + offs, mask=in_bounds, other=0).to(tl.float32)
-    keep = (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0) & in_bounds
+    num_programs = tl.num_programs(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    # Per-lane accumulators, reduced once at the end: a tile costs no block-wide reduction. Counts are packed
+    # 16 bits per field into two int32 lanes (tp | fp << 16 for predicted-replaced, fn | tn << 16 otherwise);
+    # a lane counts at most tiles_per_program <= MAX_TILES_PER_PROGRAM < 2^15 tokens per field.
+    loss_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    positive = tl.zeros((BLOCK,), dtype=tl.int32)
+    negative = tl.zeros((BLOCK,), dtype=tl.int32)
+    for i in range(0, tiles_per_program):
+        offs = (pid + i * num_programs) * BLOCK + cols  # (BLOCK,) int64
+        in_bounds = offs < n_elements
+        x = tl.load(logits_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+        y = tl.load(labels_ptr + offs, mask=in_bounds, other=0).to(tl.float32)
+        keep = (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0) & in_bounds
 
-    # e = exp(-|x|) <= 1 never overflows. log(1 + e): when e < 2^-24 the rounding of 1 + e costs at most 6e-8
-    # absolute, below the loss' own fp32 resolution. sigmoid(x) from the same e: 1 / (1 + e) for x >= 0,
-    # e / (1 + e) for x < 0 (no exp(+|x|) = inf on the way, unlike 1 / (1 + exp(-x))).
-    e = tl.exp(-tl.abs(x))
-    loss = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + e)
-    loss = tl.where(keep, loss, 0.0)
-    sigmoid = tl.where(x >= 0.0, 1.0, e) / (1.0 + e)
-    grad = tl.where(keep, sigmoid - y, 0.0)
-    tl.store(grad_ptr + offs, grad, mask=in_bounds)
-    tl.store(loss_partial_ptr + pid, tl.sum(loss, axis=0))
+        # e = exp(-|x|) <= 1 never overflows. log(1 + e): when e < 2^-24 the rounding of 1 + e costs at most
+        # 6e-8 absolute, below the loss' own fp32 resolution. sigmoid(x) from the same e: 1 / (1 + e) for
+        # x >= 0, e / (1 + e) for x < 0 (no exp(+|x|) = inf on the way, unlike 1 / (1 + exp(-x))).
+        e = tl.exp(-tl.abs(x))
+        loss = tl.maximum(x, 0.0) - x * y + tl.log(1.0 + e)
+        loss_acc += tl.where(keep, loss, 0.0)
+        sigmoid = tl.where(x >= 0.0, 1.0, e) / (1.0 + e)
+        tl.store(grad_ptr + offs, tl.where(keep, sigmoid - y, 0.0), mask=in_bounds)
 
-    # The four confusion counts in one int64 reduction instead of four: 16 bits each (a block has < 2^16
-    # tokens), tp in bits 0-15, fp in 16-31, fn in 32-47, tn in 48-63.
-    predicted = x > 0.0
-    replaced = y > 0.5
-    shift = tl.where(predicted, tl.where(replaced, 0, 16), tl.where(replaced, 32, 48)).to(tl.int64)
-    packed = tl.sum(tl.where(keep, tl.full(shift.shape, 1, tl.int64) << shift, 0), axis=0)
-    tl.store(counts_partial_ptr + pid, packed)
+        predicted = x > 0.0
+        unit = tl.where(y > 0.5, 1, 1 << 16)  # low field: replaced; high field: original
+        positive += tl.where(keep & predicted, unit, 0)
+        negative += tl.where(keep & ~predicted, unit, 0)
+    tl.store(loss_partial_ptr + pid, tl.sum(loss_acc, axis=0))
+    # Widen each lane to 32-bit fields in an int64 (a program counts < 2^31 tokens), then one reduction each.
+    positive = positive.to(tl.int64)
+    negative = negative.to(tl.int64)
+    pos_sum = tl.sum((positive & 0xFFFF) | ((positive >> 16) << 32), axis=0)
+    neg_sum = tl.sum((negative & 0xFFFF) | ((negative >> 16) << 32), axis=0)
+    counts_row = counts_partial_ptr + pid * 4
+    tl.store(counts_row + 0, pos_sum & 0xFFFFFFFF)  # tp
+    tl.store(counts_row + 1, pos_sum >> 32)  # fp
+    tl.store(counts_row + 2, neg_sum & 0xFFFFFFFF)  # fn
+    tl.store(counts_row + 3, neg_sum >> 32)  # tn
 
 
 @triton.jit
@@ -88,7 +111,7 @@ def _rtd_loss_finish_kernel(
 ):
     """One program: the fixed-order sums of the block partials, the mean loss and the int64 counts.
 
-    loss_partial_ptr: (num_blocks,) fp32.  counts_partial_ptr: (num_blocks,) int64, 16-bit packed counts.
+    loss_partial_ptr: (num_blocks,) fp32.  counts_partial_ptr: (num_blocks, 4) int64 row-major.
     loss_ptr: (1,) fp32; receives sum(loss) / max(n, 1).  counts_ptr: (4,) int64; receives [tp, fp, fn, tn].
     """
     offs = tl.arange(0, BLOCK)
@@ -101,11 +124,11 @@ def _rtd_loss_finish_kernel(
         block = start + offs
         valid = block < num_blocks
         loss_acc += tl.load(loss_partial_ptr + block, mask=valid, other=0.0)
-        packed = tl.load(counts_partial_ptr + block, mask=valid, other=0)
-        tp += packed & 0xFFFF
-        fp += (packed >> 16) & 0xFFFF
-        fn += (packed >> 32) & 0xFFFF
-        tn += (packed >> 48) & 0xFFFF
+        row = counts_partial_ptr + block.to(tl.int64) * 4
+        tp += tl.load(row + 0, mask=valid, other=0)
+        fp += tl.load(row + 1, mask=valid, other=0)
+        fn += tl.load(row + 2, mask=valid, other=0)
+        tn += tl.load(row + 3, mask=valid, other=0)
     n_tp = tl.sum(tp, axis=0)
     n_fp = tl.sum(fp, axis=0)
     n_fn = tl.sum(fn, axis=0)
@@ -142,25 +165,29 @@ def rtd_loss_forward(
     *,
     block: int = RTD_BLOCK,
     num_warps: int = RTD_NUM_WARPS,
+    programs_per_sm: int = RTD_PROGRAMS_PER_SM,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused kernel and its reduction. Returns (loss fp32 scalar, counts int64 (4,), unscaled fp32
-    gradient (N,)). `block` / `num_warps`: launch configuration (benchmarks sweep them)."""
+    gradient (N,)). `block` / `num_warps` / `programs_per_sm`: launch configuration (benchmarks sweep them).
+    """
     logits = logits.contiguous()
     labels = labels.contiguous()
     mask = mask.contiguous()
     if labels.dtype == torch.bool:
         labels = labels.view(torch.uint8)
     n_elements = logits.numel()
-    num_blocks = max(1, triton.cdiv(n_elements, block))
+    num_tiles = max(1, triton.cdiv(n_elements, block))
     device = logits.device
+    programs = num_tiles
+    if programs_per_sm > 0:  # grid-stride; a CPU (the interpreter) counts as one SM
+        programs = min(num_tiles, programs_per_sm * (_sm_count(device) if device.type == "cuda" else 1))
+    programs = max(programs, triton.cdiv(num_tiles, MAX_TILES_PER_PROGRAM))
     # fp32 even for bf16/fp16 logits: backward then rounds once, after the rescale (4 bytes per token, tiny
     # next to the discriminator's activations).
     grad = torch.empty(n_elements, dtype=torch.float32, device=device)  # (N,)
-    loss_partial = torch.empty(num_blocks, dtype=torch.float32, device=device)
-    if not 0 < block < 1 << 16:
-        raise ValueError(f"rtd_loss: block must be in (0, 65536) for the 16-bit packed counts, got {block}")
-    counts_partial = torch.empty(num_blocks, dtype=torch.int64, device=device)  # packed [tp, fp, fn, tn]
-    _rtd_loss_fwd_kernel[(num_blocks,)](
+    loss_partial = torch.empty(programs, dtype=torch.float32, device=device)
+    counts_partial = torch.empty(programs, 4, dtype=torch.int64, device=device)  # [tp, fp, fn, tn] rows
+    _rtd_loss_fwd_kernel[(programs,)](
         logits,
         labels,
         mask.view(torch.uint8),
@@ -168,15 +195,21 @@ def rtd_loss_forward(
         loss_partial,
         counts_partial,
         n_elements,
+        triton.cdiv(num_tiles, programs),
         BLOCK=block,
         num_warps=num_warps,
     )
     loss = torch.empty((), dtype=torch.float32, device=device)
     counts = torch.empty(4, dtype=torch.int64, device=device)  # [tp, fp, fn, tn]
     _rtd_loss_finish_kernel[(1,)](
-        loss_partial, counts_partial, num_blocks, loss, counts, BLOCK=RTD_FINISH_BLOCK, num_warps=4
+        loss_partial, counts_partial, programs, loss, counts, BLOCK=RTD_FINISH_BLOCK, num_warps=4
     )
     return loss, counts, grad
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def rtd_loss_backward(

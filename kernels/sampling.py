@@ -31,9 +31,9 @@ import triton.language as tl
 
 from kernels._device import check_triton_device
 
-# Vocabulary columns per block. 4096 fp32 values across 8 warps is 16 per thread, which keeps Philox's
-# per-element state in registers without spilling (see benchmarks/RESULTS.md); V = 30522 is 8 blocks.
-SAMPLING_BLOCK_V = 4096
+# Vocabulary columns per block: 2048 across 8 warps (8 per thread) was the fastest launch configuration
+# swept on an H200 (benchmarks/RESULTS.md, bench_kernels.py --sweep); V = 30522 is 15 blocks.
+SAMPLING_BLOCK_V = 2048
 SAMPLING_NUM_WARPS = 8
 
 # u is clamped into [U_MIN, U_MAX] before -log(-log(u)). tl.rand can return exactly 0 (log(0) = -inf);

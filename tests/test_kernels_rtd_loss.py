@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.rtd_loss import RTD_BLOCK, rtd_loss, rtd_loss_reference
+from kernels.rtd_loss import RTD_BLOCK, rtd_loss, rtd_loss_forward, rtd_loss_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -112,3 +112,16 @@ def test_retain_graph_backward_twice():
     first = x.grad.clone()
     loss.backward()
     torch.testing.assert_close(x.grad, 2 * first, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("programs_per_sm,block", [(1, 128), (3, 256), (2, 1024)])
+def test_grid_stride_launch_matches_reference(programs_per_sm, block):
+    """Programs that loop over several tiles (the GPU's persistent launch) give the reference's results."""
+    logits, labels, mask = _inputs(5 * 423 + 11, torch.float32, seed=7)
+    ref_loss, ref_counts = rtd_loss_reference(logits, labels, mask)
+    ref_grad = torch.func.grad(lambda x: rtd_loss_reference(x, labels, mask)[0])(logits)
+    loss, counts, grad = rtd_loss_forward(logits, labels, mask, block=block, programs_per_sm=programs_per_sm)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(loss, ref_loss, atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    n = int(mask.sum())
+    torch.testing.assert_close(grad / n, ref_grad, atol=1e-7, rtol=1e-5)
