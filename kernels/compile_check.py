@@ -36,6 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.rtd_loss import (  # noqa: E402
     RTD_BLOCK,
+    RTD_BWD_BLOCK,
     RTD_FINISH_BLOCK,
     RTD_NUM_WARPS,
     _rtd_loss_bwd_kernel,
@@ -132,7 +133,7 @@ def specialisations() -> list[Specialisation]:
                     "n_elements": "i32",
                     "BLOCK": "constexpr",
                 },
-                constexprs={"BLOCK": RTD_BLOCK},
+                constexprs={"BLOCK": RTD_BWD_BLOCK},
                 num_warps=RTD_NUM_WARPS,
             )
         )

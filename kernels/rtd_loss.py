@@ -29,13 +29,15 @@ import triton.language as tl
 
 from kernels._device import check_triton_device
 
-# Elements per tile. 1024 fp32 logits + int64 labels + bool mask is 13 KiB of loads per tile: enough bytes in
-# flight per SM for a bandwidth-bound kernel without spilling (see benchmarks/RESULTS.md).
-RTD_BLOCK = 1024
+# Elements per tile, warps, programs per SM (each program loops over tiles, grid-stride, and reduces once
+# at the end; 0 = one program per tile). 512 x 4 warps x 16 programs per SM was the fastest configuration
+# swept on an H100 (benchmarks/RESULTS.md, bench_kernels.py --sweep): 93 % of copy bandwidth for bf16 logits,
+# against 71 % with one program per tile, which pays its block reductions for every 1024 tokens.
+RTD_BLOCK = 512
 RTD_NUM_WARPS = 4
-# Programs per SM of the forward kernel on a GPU: each loops over tiles (grid-stride) and reduces once at the
-# end; 0 = one program per tile. Swept by benchmarks/bench_kernels.py --sweep.
-RTD_PROGRAMS_PER_SM = 0
+RTD_PROGRAMS_PER_SM = 16
+# The backward rescale is a plain elementwise pass: one program per 1024 tokens (as measured in the sweep).
+RTD_BWD_BLOCK = 1024
 # The finishing kernel reduces this many program partials per iteration, in one program.
 RTD_FINISH_BLOCK = 1024
 # A program's per-lane counts are 16-bit fields, filled by at most one token per tile (see the kernel).
@@ -218,7 +220,7 @@ def rtd_loss_backward(
     grad_output: torch.Tensor,
     dtype: torch.dtype,
     *,
-    block: int = RTD_BLOCK,
+    block: int = RTD_BWD_BLOCK,
     num_warps: int = RTD_NUM_WARPS,
 ) -> torch.Tensor:
     """d loss / d logits = stored (sigmoid(x) - y) * mask, rescaled by grad_output / n (n = mask count)."""

@@ -31,10 +31,10 @@ import triton.language as tl
 
 from kernels._device import check_triton_device
 
-# Vocabulary columns per block: 2048 across 8 warps (8 per thread) was the fastest launch configuration
-# swept on an H200 (benchmarks/RESULTS.md, bench_kernels.py --sweep); V = 30522 is 15 blocks.
-SAMPLING_BLOCK_V = 2048
-SAMPLING_NUM_WARPS = 8
+# Vocabulary columns per block: 1024 across 4 warps (8 per thread) was the fastest configuration swept on an
+# H100 (benchmarks/RESULTS.md, bench_kernels.py --sweep); V = 30522 is 30 blocks.
+SAMPLING_BLOCK_V = 1024
+SAMPLING_NUM_WARPS = 4
 
 # u is clamped into [U_MIN, U_MAX] before -log(-log(u)). tl.rand can return exactly 0 (log(0) = -inf);
 # its largest value is 1 - 2^-24, where -log(u) = 6e-8 is still a normal fp32 number.
