@@ -206,6 +206,11 @@ class ElectraPretrainingModel(nn.Module):
         self._mlm_head = mlm_head(self.generator)
 
     def _tie_embeddings(self) -> None:
+        if self.config.untied_generator_embeddings:
+            # Generator output layer = the generator's own word-embedding matrix + its bias.
+            own = self.generator.base_model.embeddings.word_embeddings.weight
+            self.generator.get_output_embeddings().weight = own
+            return
         shared = _pick_shared_embeddings(self.generator, self.discriminator)
         self.generator.base_model.embeddings = shared
         self.discriminator.base_model.embeddings = shared
@@ -214,7 +219,8 @@ class ElectraPretrainingModel(nn.Module):
 
     @property
     def shared_embeddings(self) -> nn.Module:
-        """The embedding module (word, position, token type, LayerNorm) both networks hold."""
+        """The embedding module (word, position, token type, LayerNorm) both networks hold; with
+        `untied_generator_embeddings`, the discriminator's own."""
         return self.discriminator.base_model.embeddings
 
     def _sampler(
@@ -303,8 +309,9 @@ class ElectraPretrainingModel(nn.Module):
         )
 
     def parameter_counts(self) -> dict[str, int]:
-        """Unique parameters by part: shared embeddings, generator-only, discriminator-only, and the
-        discriminator as released (its own parameters + the shared embeddings), the figure papers quote."""
+        """Unique parameters by part: shared embeddings (the discriminator's when untied), generator-only,
+        discriminator-only, and the discriminator as released (its own parameters + the shared embeddings),
+        the figure papers quote."""
         shared = {id(p) for p in self.shared_embeddings.parameters()}
         gen = {id(p): p.numel() for p in self.generator.parameters() if id(p) not in shared}
         disc = {id(p): p.numel() for p in self.discriminator.parameters() if id(p) not in shared}

@@ -69,6 +69,10 @@ class ModelConfig:
     """Weight of the discriminator's RTD loss in the total loss (reference `disc_weight`: 50)."""
     temperature: float = 1.0
     """Temperature of the Gumbel-max sampling from the generator (reference: 1.0)."""
+    untied_generator_embeddings: bool = False
+    """Give the generator its own embeddings (word, position, token type, LayerNorm) instead of sharing the
+    discriminator's; its output layer then uses its own word-embedding matrix. The reference's flag of the
+    same name (`configure_pretraining.py`, default False: tied)."""
     kernels: str = "auto"
     """"triton": the Triton kernels; "torch": their PyTorch references (bit-identical samples, but the
     reference's Philox emulation is slow on CPU); "auto": Triton on CUDA, elsewhere the RTD reference and

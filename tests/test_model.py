@@ -82,6 +82,29 @@ def test_tying_holds_after_adamw_steps():
     assert model.generator.get_output_embeddings().bias.abs().sum() > 0
 
 
+def test_untied_generator_embeddings_train_separately():
+    """The reference's `untied_generator_embeddings`: two embedding sets, each network trains its own, and
+    the generator's output layer stays tied to the generator's word embeddings."""
+    model = build(tiny(untied_generator_embeddings=True))
+    gen_emb, disc_emb = model.generator.base_model.embeddings, model.discriminator.base_model.embeddings
+    assert gen_emb is not disc_emb
+    assert model.generator.get_output_embeddings().weight is gen_emb.word_embeddings.weight
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("word_embeddings" in n for n in names) == 2
+    before = {k: e.word_embeddings.weight.detach().clone() for k, e in (("gen", gen_emb), ("disc", disc_emb))}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, attention_mask, token_type_ids = make_batch()
+    for step in range(2):
+        out = model(ids, attention_mask, token_type_ids, seed=step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    for key, emb in (("gen", gen_emb), ("disc", disc_emb)):
+        assert not torch.equal(emb.word_embeddings.weight.detach(), before[key]), f"{key} embeddings idle"
+    assert not torch.equal(gen_emb.word_embeddings.weight, disc_emb.word_embeddings.weight)
+    assert torch.equal(model.generator.get_output_embeddings().weight, gen_emb.word_embeddings.weight)
+
+
 def test_word_embeddings_get_gradient_from_both_networks():
     grads = {}
     for disc_weight in (0.0, 50.0):  # same init (build seeds torch), same batch and seed
