@@ -126,21 +126,31 @@ def bare_run(overrides: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def engine_run(overrides: list[str], out: str) -> dict[str, dict[int, float]]:
-    """pretrain.py with the run config; its per-step CSV columns (step -> value)."""
-    cmd = [sys.executable, str(ROOT / "alectra" / "pretrain.py")]
-    cmd += ["--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), *overrides]
+ENGINE_COLUMNS = ("tokens_per_s", "data_wait_pct", "cpu_util_pct", "loss")
+
+
+def engine_run(
+    overrides: list[str],
+    out: str,
+    *,
+    deepspeed: str = str(ROOT / "ds_configs" / "zero2.json"),
+    columns: tuple[str, ...] = ENGINE_COLUMNS,
+) -> dict[str, dict[int, float]]:
+    """pretrain.py with the run config; those of its per-step CSV columns (step -> value) it wrote (GPU-only
+    ones such as mfu_pct are absent on a CPU)."""
+    cmd = [sys.executable, str(ROOT / "alectra" / "pretrain.py"), "--deepspeed", deepspeed, *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(
             f"pretrain.py failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         )
-
-    def column(name: str) -> dict[int, float]:
-        with open(Path(out) / "logs" / "train" / f"train_{name}.csv") as f:
-            return {int(s): float(v) for s, v in csv.reader(f) if s != "step"}
-
-    return {name: column(name) for name in ("tokens_per_s", "data_wait_pct", "cpu_util_pct", "loss")}
+    reports = {}
+    for name in columns:
+        path = Path(out) / "logs" / "train" / f"train_{name}.csv"
+        if path.is_file():
+            with open(path) as f:
+                reports[name] = {int(s): float(v) for s, v in csv.reader(f) if s != "step"}
+    return reports
 
 
 def check_same_losses(engine: dict[int, float], bare: list[float]) -> float:

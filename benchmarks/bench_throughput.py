@@ -21,16 +21,14 @@ BERT's own vocabulary. Built into `--data-dir` on first use (seconds), reused af
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_pretrain import ROOT, cli_overrides, engine_run
+
 RECIPE_TOKENS = 1_000_000 * 128 * 128  # ELECTRA-Small: 1M steps of 128 sequences of 128 tokens
 COLUMNS = (
     "tokens_per_s",
@@ -98,22 +96,9 @@ def run_preset(args, preset: str, kernels: str, data_dir: Path) -> dict[str, flo
             "logging.tensorboard": "false",
             "checkpoint.every": 10**9,
         }
-        cmd = [sys.executable, str(ROOT / "alectra" / "pretrain.py"), "--deepspeed", args.deepspeed]
-        cmd += [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        reports = engine_run(cli_overrides(overrides), out, deepspeed=args.deepspeed, columns=COLUMNS)
         wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(
-                f"pretrain.py failed ({done.returncode}) for {preset}:\n{done.stdout[-4000:]}\n"
-                f"{done.stderr[-4000:]}"
-            )
-        reports: dict[str, dict[int, float]] = {}
-        for name in COLUMNS:
-            path = Path(out) / "logs" / "train" / f"train_{name}.csv"
-            if path.is_file():
-                with open(path) as f:
-                    reports[name] = {int(s): float(v) for s, v in csv.reader(f) if s != "step"}
     steps = sorted(reports["tokens_per_s"])[1:]  # the first report holds the warm-up
     if not steps:
         raise SystemExit(f"{preset}: fewer than two reports; raise --steps or lower --log-every")

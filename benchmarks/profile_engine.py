@@ -43,6 +43,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
+    from bench_pretrain import cli_overrides
     from bench_throughput import build_bench_data
 
     from alectra.config import load_config
@@ -62,7 +63,7 @@ def main() -> None:
         "logging.progress_bar": "false",
         "logging.tensorboard": "false",
     }
-    cfg = load_config(None, [item for k, v in overrides.items() for item in (f"--{k}", str(v))])
+    cfg = load_config(None, cli_overrides(overrides))
     trainer = build_trainer(cfg, args.deepspeed)
     engine = trainer.engine
     cuda = (
