@@ -11,11 +11,12 @@ and counts tp / fp / fn / tn of the prediction `x > 0` so the discriminator metr
 
 The mean needs the number of masked-in elements `n`, which is only known once the pass is over. Instead of an
 extra pass (or float atomics, which are not deterministic) the kernel stores the *unscaled* gradient and the
-per-block partial sums; `n = tp + fp + fn + tn` comes from the same pass, and backward rescales the stored
+per-program partial sums; `n = tp + fp + fn + tn` comes from the same pass, and backward rescales the stored
 gradient by `grad_output / n` (the Liger-Kernel cross-entropy idea: backward is a rescale). A one-program
-kernel reduces the partial sums in a fixed order (so the loss is bit-for-bit deterministic for a given shape)
-and writes the loss and the counts; the backward kernel reads `grad_output` and `n` from device memory and
-writes the logits-dtype gradient in one pass. Three launches in all, no host synchronisation.
+kernel reduces the partial sums in a fixed order (so the loss is bit-for-bit deterministic for a given shape
+on a given GPU: the program count follows its SM count) and writes the loss and the counts; the backward
+kernel reads `grad_output` and `n` from device memory and writes the logits-dtype gradient in one pass. Three
+launches in all, no host synchronisation.
 
 Legend for shape comments: N = number of tokens (B * T flattened).
 """
