@@ -58,18 +58,23 @@ def test_embeddings_are_one_module_and_parameters_unique():
     assert sum("embeddings.LayerNorm.weight" in n for n in names) == 1
 
 
+def train_steps(model, optimizer, steps: int) -> None:
+    """`steps` optimizer steps on the fixed test batch, one seed per step."""
+    ids, attention_mask, token_type_ids = make_batch()
+    for step in range(steps):
+        out = model(ids, attention_mask, token_type_ids, seed=step)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+
+
 def test_tying_holds_after_adamw_steps():
     model = build()
     shared = model.shared_embeddings
     before = shared.word_embeddings.weight.detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
-    ids, attention_mask, token_type_ids = make_batch()
-    for step in range(3):
-        out = model(ids, attention_mask, token_type_ids, seed=step)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    train_steps(model, optimizer, 3)
     word = shared.word_embeddings.weight
     assert not torch.equal(word.detach(), before), "the shared embeddings did not train"
     gen_base, disc_base = model.generator.base_model, model.discriminator.base_model
@@ -93,12 +98,7 @@ def test_untied_generator_embeddings_train_separately():
     assert sum("word_embeddings" in n for n in names) == 2
     before = {k: e.word_embeddings.weight.detach().clone() for k, e in (("gen", gen_emb), ("disc", disc_emb))}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids, attention_mask, token_type_ids = make_batch()
-    for step in range(2):
-        out = model(ids, attention_mask, token_type_ids, seed=step)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
+    train_steps(model, optimizer, 2)
     for key, emb in (("gen", gen_emb), ("disc", disc_emb)):
         assert not torch.equal(emb.word_embeddings.weight.detach(), before[key]), f"{key} embeddings idle"
     assert not torch.equal(gen_emb.word_embeddings.weight, disc_emb.word_embeddings.weight)
