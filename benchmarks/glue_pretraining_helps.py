@@ -22,6 +22,12 @@ trained on them (`python -m data_prep train-tokenizer`) and shards built with `p
 `--per-task` fine-tunes each task into its own folder, so several calls (`--tasks rte` and
 `--tasks cola,sst2,mrpc`) can share the cores; the table stage merges them.
 
+`--models ...,rescaled` adds a control: the pretrained weights with the word, position and token-type
+embedding tables multiplied by one factor so that their scale matches random init's. The network computes
+the same function (the tables' sum is LayerNorm'ed; checked when the copy is made), but Adam's relative
+step on the embeddings changes with their scale, and pretraining grows them (RESULTS.md: that alone cost
+the pretrained models 10 points of SST-2). Pretrained vs rescaled separates the scale from the content.
+
     OMP_NUM_THREADS=1 python benchmarks/glue_pretraining_helps.py --arm tapt --work-dir /tmp/glue_tapt \
         --pretrain-steps 1400 --pretrain-minutes 22 --tasks cola,sst2,mrpc,rte --seeds 3 \
         --max-train-examples 2500 --per-task --pretrain-args "--model.overrides... --train.lr 1e-3 ..."
@@ -62,7 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--models",
         default="random-init,pretrained",
-        help="which to fine-tune in this call (two calls can run side by side; a third prints the table)",
+        help="which to fine-tune in this call (two calls can run side by side; a third prints the table); "
+        "add `rescaled` for the pretrained weights with their embedding tables scaled to random init's",
     )
     p.add_argument("--glue-args", default="", help="extra alectra.glue flags, e.g. '--epochs 2'")
     p.add_argument(
@@ -237,6 +244,69 @@ def random_copy(discriminator: pathlib.Path, out: pathlib.Path, seed: int = 0) -
     return out
 
 
+EMBEDDING_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+def embedding_scale(model_dir: pathlib.Path) -> float:
+    """Mean L2 norm of the word-embedding table's rows."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(model_dir)
+    return model.get_input_embeddings().weight.norm(dim=-1).mean().item()
+
+
+def rescaled_copy(discriminator: pathlib.Path, reference: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """`discriminator` with its word, position and token-type embedding tables multiplied by one factor, so
+    that its word table's mean row norm equals `reference`'s: the control that separates what pretraining
+    put into the weights from the scale it gave the embeddings.
+
+    BERT, ELECTRA and ALBERT sum the three tables and LayerNorm the sum, so the network computes the same
+    function (checked below on random token ids); only the fine-tune changes: Adam moves a weight by about
+    the learning rate whatever its size, so embeddings c times larger move c times less relative to
+    themselves (RESULTS.md, GLUE section: that alone cost the pretrained models 10 points of SST-2)."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from alectra.model import write_dir_atomically
+
+    if (out / "config.json").is_file():
+        return out
+    model = AutoModelForTokenClassification.from_pretrained(discriminator).eval()
+    embeddings = model.base_model.embeddings
+    tables = [getattr(embeddings, name, None) for name in EMBEDDING_TABLES]
+    if any(t is None for t in tables) or not hasattr(embeddings, "LayerNorm"):
+        raise SystemExit(
+            f"{discriminator}: rescaling needs word, position and token-type embeddings followed by a "
+            f"LayerNorm (BERT, ELECTRA, ALBERT); {type(embeddings).__name__} has another layout"
+        )
+    factor = embedding_scale(reference) / embedding_scale(discriminator)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(model.config.vocab_size, (4, 16), generator=generator)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for table in tables:
+            table.weight.mul_(factor)
+        after = model(input_ids=ids).logits
+    if not torch.allclose(before, after, rtol=1e-4, atol=1e-4 * before.abs().max().item()):
+        raise SystemExit(
+            f"{discriminator}: scaling the embedding tables by {factor:.4g} changed the outputs "
+            f"(max difference {(before - after).abs().max().item():.3g}): not function-preserving here"
+        )
+    extra = [
+        f
+        for f in discriminator.iterdir()
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json"
+    ]
+
+    def write(tmp: pathlib.Path) -> None:
+        model.save_pretrained(tmp)
+        for f in extra:
+            shutil.copy2(f, tmp / f.name)
+
+    write_dir_atomically(out, write)
+    return out
+
+
 def finetune(model_dir: pathlib.Path, name: str, args: argparse.Namespace, out: pathlib.Path) -> dict:
     from alectra.glue import __main__ as glue_cli
     from alectra.glue.report import write_report
@@ -332,10 +402,10 @@ def token_spread(model_dir: pathlib.Path, glue_dir: pathlib.Path, n: int = 256) 
     return hidden[:, 3].std(dim=0).mean().item()
 
 
-def comparison_table(random_report: dict, pretrained_report: dict) -> str:
+def comparison_table(random_report: dict, pretrained_report: dict, label: str = "Pretrained") -> str:
     """Per task and metric: median [min, max] over seeds for both models, difference and ratio."""
     lines = [
-        "| Task | Metric | Random init | Pretrained | Δ (points) | Pretrained / random |",
+        f"| Task | Metric | Random init | {label} | Δ (points) | {label} / random |",
         "|---|---|---|---|---|---|",
     ]
     for task, entry in pretrained_report["tasks"].items():
@@ -379,6 +449,8 @@ def main() -> int:
         print("[bench] " + discriminator_check(source), file=sys.stderr)
     discriminator = export_discriminator(source, work / "export")
     models = {"random-init": random_copy(discriminator, work / "random_init"), "pretrained": discriminator}
+    if "rescaled" in selected or (work / "rescaled" / "config.json").is_file():
+        models["rescaled"] = rescaled_copy(discriminator, models["random-init"], work / "rescaled")
     reports = {}
     for name, model_dir in models.items():
         if name not in selected:
@@ -394,21 +466,28 @@ def main() -> int:
         work
         / f"timings_{'_'.join(selected)}{'_' + args.tasks.replace(',', '_') if args.per_task else ''}.json"
     ).write_text(json.dumps(timings, indent=2) + "\n")
-    if len(reports) < 2:
+    if "random-init" not in reports or "pretrained" not in reports:
         return 0
     from alectra.glue.report import to_markdown
 
-    tables = [to_markdown(reports[n]).split("\n\n")[0] for n in models]
+    tables = [to_markdown(reports[n]).split("\n\n")[0] for n in reports]
     header, rule = tables[0].splitlines()[:2]
     text = "\n".join([header, rule, *[t.splitlines()[2] for t in tables]]) + "\n\n"
     text += comparison_table(reports["random-init"], reports["pretrained"])
+    if "rescaled" in reports:
+        text += "\n" + comparison_table(reports["random-init"], reports["rescaled"], "Rescaled")
     if (source / "logs").is_dir():
         text += "\n" + discriminator_check(source) + "\n"
-    spread = {n: token_spread(models[n], args.glue_dir) for n in models}
+    spread = {n: token_spread(models[n], args.glue_dir) for n in reports}
     text += (
         "token representation spread (std across 256 SST-2 dev sentences of the final hidden state at "
-        f"position 3, mean over units): random-init {spread['random-init']:.3f}, pretrained "
-        f"{spread['pretrained']:.3f}\n"
+        "position 3, mean over units): " + ", ".join(f"{n} {v:.3f}" for n, v in spread.items()) + "\n"
+    )
+    scale = {n: embedding_scale(models[n]) for n in reports}
+    text += (
+        "word-embedding scale (mean row norm; Adam's relative step on the embeddings goes as its inverse): "
+        + ", ".join(f"{n} {v:.3f}" for n, v in scale.items())
+        + "\n"
     )
     rounded = {k: round(v) for k, v in timings.items()}
     text += f"\nseeds {reports['pretrained']['seeds']}; timings (s): {json.dumps(rounded)}\n"

@@ -453,3 +453,46 @@ def test_mean_head_pools_over_real_tokens_only(tiny_models):
     torch.testing.assert_close(model(input_ids=ids, attention_mask=mask)[0], expected)
     # [CLS] pooling (the reference head) gives something else on the same encoder.
     assert not torch.allclose(model.classifier(hidden[0, 0]), expected)
+
+
+def _glue_bench():
+    """benchmarks/glue_pretraining_helps.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "glue_pretraining_helps.py"
+    spec = importlib.util.spec_from_file_location("glue_pretraining_helps", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["electra", "albert"])
+def test_rescaled_copy_matches_the_scale_and_keeps_the_function(tiny_models, tmp_path, arch):
+    from transformers import AutoModelForTokenClassification
+
+    bench = _glue_bench()
+    src = tiny_models[arch]
+    reference = tmp_path / "reference"  # the same architecture with embedding tables 5x larger
+    model = AutoModelForTokenClassification.from_pretrained(src)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(5.0)
+    model.save_pretrained(reference)
+    out = bench.rescaled_copy(src, reference, tmp_path / "rescaled")
+
+    assert bench.embedding_scale(out) == pytest.approx(bench.embedding_scale(reference), rel=1e-5)
+    original, rescaled = (AutoModelForTokenClassification.from_pretrained(d).eval() for d in (src, out))
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rescaled(input_ids=ids, attention_mask=mask).logits,
+            original(input_ids=ids, attention_mask=mask).logits,
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    for name in bench.EMBEDDING_TABLES:  # all three tables scaled by the same factor, nothing else touched
+        a = getattr(original.base_model.embeddings, name).weight
+        b = getattr(rescaled.base_model.embeddings, name).weight
+        torch.testing.assert_close(b, a * 5.0)
+    torch.testing.assert_close(rescaled.classifier.weight, original.classifier.weight)
+    assert (out / "vocab.txt").read_text() == (src / "vocab.txt").read_text()
