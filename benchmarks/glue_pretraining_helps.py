@@ -216,20 +216,13 @@ def export_discriminator(source: pathlib.Path, out: pathlib.Path) -> pathlib.Pat
     return out / "discriminator"
 
 
-def random_copy(discriminator: pathlib.Path, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Same config and tokenizer files, freshly initialised weights (the model class's own initialiser)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForTokenClassification
-
+def save_beside(model, source: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """`model` saved to `out` (atomically) with `source`'s tokenizer and other non-weight files."""
     from alectra.model import write_dir_atomically
 
-    if (out / "config.json").is_file():
-        return out
-    torch.manual_seed(seed)
-    model = AutoModelForTokenClassification.from_config(AutoConfig.from_pretrained(discriminator))
     extra = [
         f
-        for f in discriminator.iterdir()
+        for f in source.iterdir()
         if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json"
     ]
 
@@ -238,10 +231,22 @@ def random_copy(discriminator: pathlib.Path, out: pathlib.Path, seed: int = 0) -
         for f in extra:
             shutil.copy2(f, tmp / f.name)
 
-    # A private temporary folder per call: side-by-side calls (`--models random-init` and `--models
-    # pretrained`) both build it, the same seed gives the same weights, and neither trips over the other.
     write_dir_atomically(out, write)
     return out
+
+
+def random_copy(discriminator: pathlib.Path, out: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Same config and tokenizer files, freshly initialised weights (the model class's own initialiser)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForTokenClassification.from_config(AutoConfig.from_pretrained(discriminator))
+    # A private temporary folder per call: side-by-side calls (`--models random-init` and `--models
+    # pretrained`) both build it, the same seed gives the same weights, and neither trips over the other.
+    return save_beside(model, discriminator, out)
 
 
 EMBEDDING_TABLES = ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -267,8 +272,6 @@ def rescaled_copy(discriminator: pathlib.Path, reference: pathlib.Path, out: pat
     import torch
     from transformers import AutoModelForTokenClassification
 
-    from alectra.model import write_dir_atomically
-
     if (out / "config.json").is_file():
         return out
     model = AutoModelForTokenClassification.from_pretrained(discriminator).eval()
@@ -292,19 +295,7 @@ def rescaled_copy(discriminator: pathlib.Path, reference: pathlib.Path, out: pat
             f"{discriminator}: scaling the embedding tables by {factor:.4g} changed the outputs "
             f"(max difference {(before - after).abs().max().item():.3g}): not function-preserving here"
         )
-    extra = [
-        f
-        for f in discriminator.iterdir()
-        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and f.name != "config.json"
-    ]
-
-    def write(tmp: pathlib.Path) -> None:
-        model.save_pretrained(tmp)
-        for f in extra:
-            shutil.copy2(f, tmp / f.name)
-
-    write_dir_atomically(out, write)
-    return out
+    return save_beside(model, discriminator, out)
 
 
 def finetune(model_dir: pathlib.Path, name: str, args: argparse.Namespace, out: pathlib.Path) -> dict:
