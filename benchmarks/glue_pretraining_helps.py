@@ -282,7 +282,7 @@ def rescaled_copy(discriminator: pathlib.Path, reference: pathlib.Path, out: pat
             f"{discriminator}: rescaling needs word, position and token-type embeddings followed by a "
             f"LayerNorm (BERT, ELECTRA, ALBERT); {type(embeddings).__name__} has another layout"
         )
-    factor = embedding_scale(reference) / embedding_scale(discriminator)
+    factor = embedding_scale(reference) / tables[0].weight.norm(dim=-1).mean().item()  # no second load
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(model.config.vocab_size, (4, 16), generator=generator)
     with torch.no_grad():
