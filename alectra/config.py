@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from alectra.presets import PRESETS, ModelConfig, get_preset
+from alectra.storage.atomic import write_text_atomic
 
 OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -370,6 +371,4 @@ def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -36,6 +36,8 @@ import zlib
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 
+from alectra.storage.atomic import write_text_atomic
+
 # Ports 20000-29999: below Linux's ephemeral range (32768+, net.ipv4.ip_local_port_range), so a
 # rendezvous port is not taken by some outgoing connection; it includes torch's default 29500.
 _PORT_BASE = 20000
@@ -270,9 +272,7 @@ def write_hostfile(hosts: Sequence[str], slots: int, path: str | os.PathLike) ->
     path = Path(path)
     text = format_hostfile(hosts, slots)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path
 
 

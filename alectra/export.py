@@ -22,13 +22,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from alectra.model import ElectraPretrainingModel, write_dir_atomically
+from alectra.model import ElectraPretrainingModel
 from alectra.presets import ModelConfig
+from alectra.storage.atomic import write_dir_atomically, write_text_atomic
 
 METADATA_NAME = "alectra_model.json"
 METADATA_FORMAT = "alectra-model/1"
@@ -66,7 +66,7 @@ def write_model_metadata(
         "special_token_ids": {k: int(v) for k, v in special_token_ids.items()},
     }
     path = checkpoints_dir / METADATA_NAME
-    _write_text_atomically(path, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -160,17 +160,6 @@ def _copy_files(files: list[Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         shutil.copy2(f, dest / f.name)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

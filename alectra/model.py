@@ -25,7 +25,6 @@ import functools
 import inspect
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,8 @@ from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForTokenClas
 
 from alectra.masking import derive_seed, mask_tokens
 from alectra.presets import ModelConfig
+from alectra.storage.atomic import write_dir_atomically
+from alectra.storage.manifest import MODEL_SPECIAL_TOKENS
 from kernels.rtd_loss import rtd_loss
 from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
 
@@ -49,7 +50,6 @@ METRIC_KEYS = (
     "replaced_fn",
     "replaced_total",
 )
-REQUIRED_SPECIAL_TOKENS = ("cls", "sep", "pad", "mask")
 
 
 @dataclass(kw_only=True)
@@ -178,7 +178,7 @@ class ElectraPretrainingModel(nn.Module):
         """hf_configs: optional (generator, discriminator) HF configs replacing the ones built from `config`
         (any `*ForMaskedLM` / `*ForTokenClassification` pair with compatible embeddings)."""
         super().__init__()
-        missing = [k for k in REQUIRED_SPECIAL_TOKENS if k not in special_token_ids]
+        missing = [k for k in MODEL_SPECIAL_TOKENS if k not in special_token_ids]
         if missing:
             raise ValueError(
                 f"special_token_ids lacks {missing}; pass the tokenizer's ids (manifest special_tokens)"
@@ -370,24 +370,6 @@ class ElectraPretrainingModel(nn.Module):
                     shutil.copy2(f, tmp / Path(f).name)
 
             write_dir_atomically(out_dir / name, write)
-
-
-def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp_dir)` then rename tmp_dir to `target`, replacing an existing folder."""
-    target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def config_to_dict(config: ModelConfig) -> dict:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from alectra.data.indexed import IndexedDatasetWriter, token_dtype
-from alectra.data.manifest import FORMAT, MANIFEST_NAME, tokenizer_info, write_json_atomic
+from alectra.storage.atomic import is_temporary, write_json_atomic
+from alectra.storage.indexed import IndexedDatasetWriter, token_dtype
+from alectra.storage.manifest import FORMAT, MANIFEST_NAME, tokenizer_info
+from alectra.storage.tokenizer import load_tokenizer
 from data_prep.errors import DataPrepError
 from data_prep.sentences import SPLIT_MODES, split_sentences
 from data_prep.sources import Chunk, Source
@@ -78,7 +80,6 @@ _worker_state: dict = {}
 
 
 def _init_worker(tokenizer_name: str, split_mode: str, dtype: str) -> None:
-    from data_prep.tokenizer import load_tokenizer
 
     _worker_state.update(
         backend=load_tokenizer(tokenizer_name).backend_tokenizer, split=split_mode, dtype=np.dtype(dtype)
@@ -227,8 +228,10 @@ def _complete(out: Path, k: int, fingerprint: dict) -> dict | None:
 
 def _remove_partial_files(out: Path, n_jobs: int, job: int) -> None:
     """Delete this job's temporary files left by a worker stopped mid-shard (other jobs' are theirs)."""
-    for tmp in out.glob("shard_*.tmp"):
-        k = int(tmp.name.split("_")[1].split(".")[0])
+    for tmp in out.glob(".shard_*"):
+        if not is_temporary(tmp.name):
+            continue
+        k = int(tmp.name[1:].split("_")[1].split(".")[0])
         if k % n_jobs == job:
             tmp.unlink(missing_ok=True)
 
@@ -245,7 +248,6 @@ def _mpi_rank_world() -> tuple[int, int, object | None]:
 
 def build(cfg: BuildConfig, source: Source) -> dict | None:
     """Run (or resume) a build; returns the manifest once every shard exists, else ``None``."""
-    from data_prep.tokenizer import load_tokenizer
 
     rank, world, comm = _mpi_rank_world()
     n_jobs, job = cfg.num_shards * world, cfg.shard_index * world + rank
@@ -437,8 +439,7 @@ def import_megatron(prefixes: list[str], tokenizer_name: str, out: Path, *, comm
     sequence as ``[CLS] ... [SEP]``; that is detected from the first sequence and recorded, and the example
     builder then drops those tokens before packing.
     """
-    from alectra.data.indexed import IndexedDataset, file_sha256
-    from data_prep.tokenizer import load_tokenizer
+    from alectra.storage.indexed import IndexedDataset, file_sha256
 
     tok_info = tokenizer_info(load_tokenizer(tokenizer_name), tokenizer_name)
     special = tok_info["special_tokens"]

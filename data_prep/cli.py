@@ -126,8 +126,8 @@ def cmd_import_megatron(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from alectra.data.indexed import IndexedDataset, file_sha256
-    from alectra.data.manifest import load_manifest
+    from alectra.storage.indexed import IndexedDataset, file_sha256
+    from alectra.storage.manifest import load_manifest
 
     manifest = load_manifest(args.dataset)
     root = Path(manifest["_dir"])
@@ -168,8 +168,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from alectra.data.indexed import IndexedDataset
-    from alectra.data.manifest import load_manifest
+    from alectra.storage.indexed import IndexedDataset
+    from alectra.storage.manifest import load_manifest
 
     manifest = load_manifest(args.dataset)
     root = Path(manifest["_dir"])
@@ -202,7 +202,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             bar = "#" * int(round(50 * n / max(1, hist.max())))
             print(f"  [{lo:>4}, {hi:>4})  {n:>10,}  {bar}")
     if args.num_examples and shards:
-        from data_prep.tokenizer import load_tokenizer
+        from alectra.storage.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer or tok["name_or_path"])
         for d in range(min(args.num_examples, shards[0].num_documents)):

@@ -7,8 +7,9 @@ import torch
 from alectra.data import build_dataloader, build_pretraining_datasets
 from alectra.data.datasets import blend_indices
 from alectra.data.examples import plan_shard
-from alectra.data.indexed import IndexedDatasetWriter
-from alectra.data.manifest import FORMAT, write_json_atomic
+from alectra.storage.atomic import write_json_atomic
+from alectra.storage.indexed import IndexedDatasetWriter
+from alectra.storage.manifest import FORMAT
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import data_prep
-from alectra.data import IndexedDataset, check_tokenizer, load_manifest
+from alectra.storage import IndexedDataset, check_tokenizer, load_manifest
 from data_prep.cli import main
 from data_prep.sentences import split_sentences
 from data_prep.tokenizer import train_tokenizer
@@ -280,7 +280,7 @@ def test_mpi_ranks_write_the_same_shards(tmp_path, tok_dir, jsonl):
 
 def test_megatron_wrapped_shards_give_the_same_examples(tmp_path, tok_dir, jsonl):
     from alectra.data import build_pretraining_datasets
-    from alectra.data.indexed import IndexedDatasetWriter
+    from alectra.storage.indexed import IndexedDatasetWriter
 
     ours = tmp_path / "ours"
     assert run_build("--input", jsonl, "--tokenizer", tok_dir, "-o", ours, "--docs-per-shard", 100) == 0

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from alectra.data.examples import ExampleBuilder, load_or_build_plan
-from alectra.data.indexed import IndexedDataset
-from alectra.data.manifest import load_manifest
+from alectra.storage.indexed import IndexedDataset
+from alectra.storage.manifest import load_manifest
 
 
 class ExamplePool:

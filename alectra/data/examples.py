@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alectra.data.indexed import IndexedDataset
+from alectra.storage.atomic import replace_durably, temporary_path
+from alectra.storage.indexed import IndexedDataset
 
 PLAN_VERSION = 1  # bump when the planning rules change, so cached plans are rebuilt
 SHORT_TARGET_PROB = 0.05  # build_pretraining_dataset.py: `random.random() < 0.05`
@@ -111,10 +112,12 @@ def load_or_build_plan(
     plan = np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        tmp = temporary_path(path)
         with open(tmp, "wb") as f:
             np.save(f, plan)
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        replace_durably(tmp, path)
     except OSError:
         return plan  # read-only data folder: keep the plan in memory
     return np.load(path, mmap_mode="r")

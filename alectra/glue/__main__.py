@@ -17,6 +17,7 @@ import time
 from alectra.glue.finetune import HEADS, FinetuneConfig, count_encoder_parameters, finetune_task
 from alectra.glue.report import build_report, to_markdown, write_report
 from alectra.glue.tasks import load_hub_task, load_local_task, parse_task_list
+from alectra.storage.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,17 +95,6 @@ def resolve_model_dir(model: pathlib.Path, scratch: pathlib.Path) -> pathlib.Pat
     if not (scratch / "discriminator" / "config.json").is_file():
         raise ValueError(f"--model {model}: exporting it gave no discriminator/config.json")
     return scratch / "discriminator"
-
-
-def load_tokenizer(model_dir: pathlib.Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"{model_dir}: no usable tokenizer files (vocab.txt / tokenizer.json): {exc}"
-        ) from exc
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -106,8 +106,7 @@ def _tokenizer_location(cfg: RunConfig, manifest: dict) -> str:
 
 def load_and_check_tokenizer(cfg: RunConfig, paths: list[str]) -> tuple[Any, dict]:
     """The tokenizer, checked against every dataset's manifest; returns (tokenizer, first manifest)."""
-    from alectra.data import check_tokenizer, load_manifest
-    from data_prep.tokenizer import load_tokenizer
+    from alectra.storage import check_tokenizer, load_manifest, load_tokenizer
 
     try:
         manifests = [load_manifest(p) for p in paths]

@@ -34,6 +34,8 @@ from typing import Any
 import deepspeed.comm as dist
 import torch
 
+from alectra.storage.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 COMPLETE_MARK = "alectra_complete.json"
@@ -65,15 +67,6 @@ class CheckpointInfo:
             raise ValueError(
                 f"CheckpointInfo: bad step={self.step} / world_size={self.world_size} in {self.path}"
             )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_info(tag_dir: Path) -> CheckpointInfo | None:
@@ -151,8 +144,8 @@ class Checkpointer:
                 "zero_stage": self.zero_stage,
                 "time": time.time(),
             }
-            _write_atomic(path / COMPLETE_MARK, json.dumps(mark))
-            _write_atomic(self.directory / LATEST, tag)
+            write_text_atomic(path / COMPLETE_MARK, json.dumps(mark))
+            write_text_atomic(self.directory / LATEST, tag)
             self._prune()
         dist.barrier()
         return path

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from alectra.config import ConfigError, RunConfig
+from alectra.storage.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,4 @@ def precision_of(ds: dict[str, Any]) -> str:
 
 def write_ds_config(ds: dict[str, Any], path: str | os.PathLike) -> None:
     """Save the resolved JSON next to the run config, atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(ds, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, ds, sort_keys=False)
