@@ -234,21 +234,57 @@ def rtd_loss_backward(
     return out
 
 
-class RTDLossFunction(torch.autograd.Function):
-    """Autograd wrapper: forward runs the fused kernel, backward is a rescale of the stored gradient."""
+# Torch custom ops, so torch.compile keeps each launch sequence as one opaque node of the graph (it traces the
+# fake implementations below, never a Triton launch) and CUDA graphs capture it. custom_op rather than
+# triton_op: triton_op lets the compiler trace into the launches, which it cannot do for kernels run by the
+# Triton interpreter (TRITON_INTERPRET=1). The forward is functional, so its backward is registered on the
+# op itself (`register_autograd`, torch/_library/custom_ops.py); the backward launch is a second op.
+@torch.library.custom_op("alectra::rtd_loss", mutates_args=())
+def _rtd_loss_op(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rtd_loss_forward(logits, labels, mask)
 
-    @staticmethod
-    def forward(ctx, logits, labels, mask):
-        loss, counts, grad = rtd_loss_forward(logits, labels, mask)
-        ctx.save_for_backward(grad, counts)
-        ctx.mark_non_differentiable(counts)
-        ctx.logits_dtype = logits.dtype
-        return loss, counts
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_counts):
-        grad, counts = ctx.saved_tensors
-        return rtd_loss_backward(grad, counts, grad_loss, ctx.logits_dtype), None, None
+@_rtd_loss_op.register_fake
+def _(logits, labels, mask):
+    return (
+        logits.new_empty((), dtype=torch.float32),
+        logits.new_empty(4, dtype=torch.int64),
+        logits.new_empty(logits.numel(), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("alectra::rtd_loss_backward", mutates_args=())
+def _rtd_loss_backward_op(
+    grad: torch.Tensor, counts: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    return rtd_loss_backward(grad, counts, grad_output, dtype)
+
+
+@_rtd_loss_backward_op.register_fake
+def _(grad, counts, grad_output, dtype):
+    return grad.new_empty(grad.shape, dtype=dtype)
+
+
+def _rtd_loss_setup_context(ctx, inputs, output) -> None:
+    logits, _, _ = inputs
+    _, counts, grad = output
+    ctx.save_for_backward(grad, counts)
+    ctx.mark_non_differentiable(counts, grad)
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients of counts and grad
+    ctx.logits_dtype = logits.dtype
+
+
+def _rtd_loss_backward_formula(ctx, grad_loss, grad_counts, grad_grad):
+    """Backward is a rescale of the stored gradient by grad_output / n (one launch)."""
+    if grad_loss is None:
+        return None, None, None
+    grad, counts = ctx.saved_tensors
+    return _rtd_loss_backward_op(grad, counts, grad_loss, ctx.logits_dtype), None, None
+
+
+_rtd_loss_op.register_autograd(_rtd_loss_backward_formula, setup_context=_rtd_loss_setup_context)
 
 
 def rtd_loss_reference(
@@ -286,7 +322,8 @@ def rtd_loss(
         return rtd_loss_reference(logits, labels, mask)
     _check_inputs(logits, labels, mask)
     check_triton_device(logits, "rtd_loss")
-    return RTDLossFunction.apply(logits, labels, mask)
+    loss, counts, _ = _rtd_loss_op(logits, labels, mask)
+    return loss, counts
 
 
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
