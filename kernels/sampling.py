@@ -65,7 +65,7 @@ _MASK32 = 0xFFFFFFFF
 # Logits per chunk of the reference's noise: bounds its int64 Philox temporaries to ~100 MiB.
 _REFERENCE_CHUNK_ELEMENTS = 1 << 21
 # The sample reported for an invalid row.
-INVALID_SAMPLE = -1
+INVALID_SAMPLE = tl.constexpr(-1)
 
 
 # seed_ptr is a pointer: Triton never specialises on the value behind it. do_not_specialize also drops the
@@ -285,7 +285,15 @@ def sample_and_cross_entropy_forward(
             num_warps=num_warps,
         )
     _sample_ce_finish_kernel[(1,)](
-        row_loss, correct, n_valid, loss, n_correct, rows, HAS_VALID=has_valid, BLOCK=SAMPLING_FINISH_BLOCK
+        row_loss,
+        correct,
+        n_valid,
+        loss,
+        n_correct,
+        rows,
+        HAS_VALID=has_valid,
+        BLOCK=SAMPLING_FINISH_BLOCK,
+        num_warps=4,
     )
     return loss, samples, n_correct, grad
 
@@ -483,7 +491,7 @@ def sample_and_cross_entropy_reference(
         )
         correct = logits.detach().argmax(dim=-1) == targets
         if valid is not None:
-            samples = torch.where(valid, samples, INVALID_SAMPLE)
+            samples = torch.where(valid, samples, INVALID_SAMPLE.value)
             correct = correct & valid
         n_correct = correct.sum(dtype=torch.int64)
         if positions is not None:
