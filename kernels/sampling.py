@@ -442,7 +442,9 @@ def sample_from_softmax_reference(
         total = cdf[:, -1:]  # (M, 1)
         below_total = torch.nextafter(total, torch.zeros_like(total))
         draw = torch.minimum(u * total, below_total)  # (M, 1)
-        return torch.searchsorted(cdf, draw, right=True).squeeze(1)
+        # Non-finite logits (a diverged step, which the trainer then skips) make the cdf NaN, and searchsorted
+        # puts NaN past the end: the clamp keeps every sample a valid id.
+        return torch.searchsorted(cdf, draw, right=True).squeeze(1).clamp_(max=vocab_size - 1)
     if noise != "philox":
         raise ValueError(f"noise={noise!r}: choose 'philox' (the kernel's stream) or 'inverse_cdf'")
     chunk_rows = max(1, _REFERENCE_CHUNK_ELEMENTS // max(vocab_size, 1))

@@ -505,3 +505,14 @@ def test_inverse_cdf_extreme_uniforms_land_on_positive_probability_tokens(monkey
         row.expand(4, 5).contiguous(), seed=_seed(0), temperature=1.0, noise="inverse_cdf"
     )
     assert samples.tolist() == [want] * 4
+
+
+@pytest.mark.parametrize("noise", ["inverse_cdf", "philox"])
+def test_reference_samples_stay_valid_ids_for_non_finite_logits(noise):
+    """A diverged step (NaN / inf logits) still samples ids an embedding can look up."""
+    logits = torch.randn(4, 9, device=DEVICE)
+    logits[0] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    samples = sample_from_softmax_reference(logits, seed=_seed(0), temperature=1.0, noise=noise)
+    assert torch.all((samples >= 0) & (samples < 9)), samples
