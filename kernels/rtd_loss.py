@@ -161,6 +161,12 @@ def _rtd_loss_bwd_kernel(grad_ptr, counts_ptr, grad_output_ptr, out_ptr, n_eleme
     tl.store(out_ptr + offs, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
+# The launch functions are torch custom ops, so torch.compile keeps each as one opaque node of the graph
+# (it traces the fake implementations below, never a Triton launch) and CUDA graphs capture them. custom_op
+# rather than triton_op: triton_op lets the compiler trace into the launches, which it cannot do for kernels
+# run by the Triton interpreter (TRITON_INTERPRET=1). The forward is functional, so its backward is
+# registered on the op itself (`register_autograd`, torch/_library/custom_ops.py) and calls the backward op.
+@torch.library.custom_op("alectra::rtd_loss", mutates_args=())
 def rtd_loss_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -210,11 +216,22 @@ def rtd_loss_forward(
     return loss, counts, grad
 
 
+@rtd_loss_forward.register_fake
+def _(logits, labels, mask, **kwargs):
+    """What torch.compile traces: the outputs' shapes and dtypes."""
+    return (
+        logits.new_empty((), dtype=torch.float32),
+        logits.new_empty(4, dtype=torch.int64),
+        logits.new_empty(logits.numel(), dtype=torch.float32),
+    )
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@torch.library.custom_op("alectra::rtd_loss_backward", mutates_args=())
 def rtd_loss_backward(
     grad: torch.Tensor,
     counts: torch.Tensor,
@@ -234,40 +251,12 @@ def rtd_loss_backward(
     return out
 
 
-# Torch custom ops, so torch.compile keeps each launch sequence as one opaque node of the graph (it traces the
-# fake implementations below, never a Triton launch) and CUDA graphs capture it. custom_op rather than
-# triton_op: triton_op lets the compiler trace into the launches, which it cannot do for kernels run by the
-# Triton interpreter (TRITON_INTERPRET=1). The forward is functional, so its backward is registered on the
-# op itself (`register_autograd`, torch/_library/custom_ops.py); the backward launch is a second op.
-@torch.library.custom_op("alectra::rtd_loss", mutates_args=())
-def _rtd_loss_op(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return rtd_loss_forward(logits, labels, mask)
-
-
-@_rtd_loss_op.register_fake
-def _(logits, labels, mask):
-    return (
-        logits.new_empty((), dtype=torch.float32),
-        logits.new_empty(4, dtype=torch.int64),
-        logits.new_empty(logits.numel(), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("alectra::rtd_loss_backward", mutates_args=())
-def _rtd_loss_backward_op(
-    grad: torch.Tensor, counts: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    return rtd_loss_backward(grad, counts, grad_output, dtype)
-
-
-@_rtd_loss_backward_op.register_fake
-def _(grad, counts, grad_output, dtype):
+@rtd_loss_backward.register_fake
+def _(grad, counts, grad_output, dtype, **kwargs):
     return grad.new_empty(grad.shape, dtype=dtype)
 
 
-def _rtd_loss_setup_context(ctx, inputs, output) -> None:
+def _rtd_loss_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
     logits, _, _ = inputs
     _, counts, grad = output
     ctx.save_for_backward(grad, counts)
@@ -281,10 +270,10 @@ def _rtd_loss_backward_formula(ctx, grad_loss, grad_counts, grad_grad):
     if grad_loss is None:
         return None, None, None
     grad, counts = ctx.saved_tensors
-    return _rtd_loss_backward_op(grad, counts, grad_loss, ctx.logits_dtype), None, None
+    return rtd_loss_backward(grad, counts, grad_loss, ctx.logits_dtype), None, None
 
 
-_rtd_loss_op.register_autograd(_rtd_loss_backward_formula, setup_context=_rtd_loss_setup_context)
+rtd_loss_forward.register_autograd(_rtd_loss_backward_formula, setup_context=_rtd_loss_setup_context)
 
 
 def rtd_loss_reference(
@@ -322,7 +311,7 @@ def rtd_loss(
         return rtd_loss_reference(logits, labels, mask)
     _check_inputs(logits, labels, mask)
     check_triton_device(logits, "rtd_loss")
-    loss, counts, _ = _rtd_loss_op(logits, labels, mask)
+    loss, counts, _ = rtd_loss_forward(logits, labels, mask)
     return loss, counts
 
 

@@ -225,16 +225,25 @@ def _sample_ce_finish_kernel(
     tl.store(n_correct_ptr, tl.sum(correct_acc.to(tl.int64), axis=0))
 
 
+# The launch function is a torch custom op, so torch.compile keeps it as one opaque node of the graph (it
+# traces the fake implementation below, never a Triton launch) and CUDA graphs capture it. custom_op rather
+# than triton_op: triton_op lets the compiler trace into the launches, which it cannot do for a kernel run by
+# the Triton interpreter (TRITON_INTERPRET=1: "Cannot access data pointer of Tensor (e.g. FakeTensor)"). The
+# two scatter buffers are declared mutated (torch/_library/custom_ops.py, `custom_op`): functionalisation
+# then knows the op writes them. Custom ops take no keyword-only tensors, hence their position.
+@torch.library.custom_op(
+    "alectra::sample_and_cross_entropy", mutates_args=("disc_input_ids", "replaced_labels")
+)
 def sample_and_cross_entropy_forward(
     logits: torch.Tensor,
     targets: torch.Tensor,
     seed: torch.Tensor,
     valid: torch.Tensor | None,
-    *,
-    temperature: float,
     positions: torch.Tensor | None,
     disc_input_ids: torch.Tensor | None,
     replaced_labels: torch.Tensor | None,
+    *,
+    temperature: float,
     block_v: int = SAMPLING_BLOCK_V,
     num_warps: int = SAMPLING_NUM_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -298,52 +307,21 @@ def sample_and_cross_entropy_forward(
     return loss, samples, n_correct, grad
 
 
+@sample_and_cross_entropy_forward.register_fake
+def _(logits, *args, **kwargs):
+    """What torch.compile traces: the outputs' shapes and dtypes, which follow from the logits alone."""
+    return (
+        logits.new_empty((), dtype=torch.float32),
+        logits.new_empty(logits.shape[0], dtype=torch.int64),
+        logits.new_empty((), dtype=torch.int64),
+        torch.empty_like(logits, memory_format=torch.contiguous_format),
+    )
+
+
 def sample_and_cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
     """The stored gradient is already d(mean CE)/d logits; the chain rule only rescales it by grad_output."""
     # Out of place, so a second backward (retain_graph=True) still sees the stored gradient.
     return grad * grad_output.float()
-
-
-# A torch custom op, so torch.compile keeps the launch as one opaque node of the graph (it traces the fake
-# implementation below, never the Triton launch) and CUDA graphs capture it. custom_op rather than
-# triton_op: triton_op lets the compiler trace into the launch, which it cannot do for a kernel run by the
-# Triton interpreter (TRITON_INTERPRET=1: "Cannot access data pointer of Tensor (e.g. FakeTensor)"). The two
-# scatter buffers are declared mutated (torch/_library/custom_ops.py, `custom_op`): functionalisation then
-# knows the op writes them.
-@torch.library.custom_op(
-    "alectra::sample_and_cross_entropy", mutates_args=("disc_input_ids", "replaced_labels")
-)
-def _sample_and_cross_entropy_op(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    seed: torch.Tensor,
-    valid: torch.Tensor | None,
-    temperature: float,
-    positions: torch.Tensor | None,
-    disc_input_ids: torch.Tensor | None,
-    replaced_labels: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return sample_and_cross_entropy_forward(
-        logits,
-        targets,
-        seed,
-        valid,
-        temperature=temperature,
-        positions=positions,
-        disc_input_ids=disc_input_ids,
-        replaced_labels=replaced_labels,
-    )
-
-
-@_sample_and_cross_entropy_op.register_fake
-def _(logits, targets, seed, valid, temperature, positions, disc_input_ids, replaced_labels):
-    rows = logits.shape[0]
-    return (
-        logits.new_empty((), dtype=torch.float32),
-        logits.new_empty(rows, dtype=torch.int64),
-        logits.new_empty((), dtype=torch.int64),
-        torch.empty_like(logits, memory_format=torch.contiguous_format),
-    )
 
 
 class SampleAndCrossEntropyFunction(torch.autograd.Function):
@@ -356,8 +334,8 @@ class SampleAndCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, seed, valid, temperature, positions, disc_input_ids, replaced_labels):
-        loss, samples, n_correct, grad = _sample_and_cross_entropy_op(
-            logits, targets, seed, valid, temperature, positions, disc_input_ids, replaced_labels
+        loss, samples, n_correct, grad = sample_and_cross_entropy_forward(
+            logits, targets, seed, valid, positions, disc_input_ids, replaced_labels, temperature=temperature
         )
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(samples, n_correct)

@@ -1,5 +1,6 @@
 """Both kernel families inside torch.compile: registered custom ops, no graph breaks, compiled == eager, a new
-seed is not a recompile, and a call neither synchronises with the host nor dispatches more than its op.
+seed is not a recompile, and a call neither synchronises with the host nor dispatches more than its op
+(counted with benchmarks/bench_kernels.py's OpCounter).
 
 One small step calls both ops the way the model chains them: the sampler scatters into `replaced`, which the
 RTD loss then reads, so functionalisation of the mutated buffers is exercised too. Three paths: the Triton
@@ -8,18 +9,17 @@ kernels (interpreter on CPU, tests/conftest.py), the bit-exact reference ("philo
 """
 
 import functools
+import importlib.util
+import pathlib
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.rtd_loss import rtd_loss, rtd_loss_backward, rtd_loss_forward
-from kernels.sampling import (
-    sample_and_cross_entropy,
-    sample_and_cross_entropy_forward,
-    sample_and_cross_entropy_reference,
-)
+from kernels import rtd_loss as rtd
+from kernels import sampling
+from kernels.rtd_loss import rtd_loss, rtd_loss_forward
+from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["triton", "philox", "inverse_cdf"]
@@ -158,51 +158,41 @@ def test_triton_ops_are_single_graph_nodes():
     assert "triton" not in forward + backward
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Names of the ops dispatched while active (views and allocations included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
+def _op_counter():
+    """benchmarks/bench_kernels.py's OpCounter: top-level dispatched ops, and the device work (aten ops inside
+    the custom ops too, and the Triton launches, which the interpreter's own tensor copies stay out of)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    counter = bench.OpCounter()
+    kernels = (
+        sampling._sample_ce_fwd_kernel,
+        sampling._sample_ce_finish_kernel,
+        rtd._rtd_loss_fwd_kernel,
+        rtd._rtd_loss_finish_kernel,
+        rtd._rtd_loss_bwd_kernel,
+    )
+    return counter, counter.launches_of(*kernels)
 
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_step_never_syncs_with_the_host(path):
+    """Forward and backward, inside the custom ops included: no op that reads a value back to the host."""
     step = _step_fn(path)
     args = _step_args(3)
-    with _OpRecorder() as recorder:
+    counter, launches = _op_counter()
+    with counter, launches:
         step(*args)[0].backward()
-    assert recorder.names and not SYNCING_OPS & set(recorder.names), sorted(set(recorder.names))
-
-
-def test_launch_functions_never_sync_with_the_host():
-    """Inside the custom ops: the launchers allocate, count valid rows and launch, nothing else. (In the
-    interpreter the launches copy tensors through numpy: copies, no syncing op.)"""
-    targets, valid, positions, mask, gen_logits, disc_logits, input_ids = _fixed_inputs()
-    seed = torch.tensor(3, device=DEVICE)
-    with _OpRecorder() as recorder:
-        sample_and_cross_entropy_forward(
-            gen_logits,
-            targets,
-            seed,
-            valid,
-            temperature=1.0,
-            positions=positions,
-            disc_input_ids=input_ids.clone(),
-            replaced_labels=torch.zeros(TOKENS, dtype=torch.bool, device=DEVICE),
-        )
-        _, counts, grad = rtd_loss_forward(disc_logits, valid.new_zeros(TOKENS), mask)
-        rtd_loss_backward(grad, counts, torch.ones((), device=DEVICE), torch.float32)
-    assert recorder.names and not SYNCING_OPS & set(recorder.names), sorted(set(recorder.names))
+    seen = set(counter.device)
+    assert seen and not SYNCING_OPS & seen, sorted(seen)
+    if path == "triton":
+        assert {"triton:sample_ce_fwd_kernel", "triton:rtd_loss_bwd_kernel", "aten::sum"} <= seen
 
 
 def test_triton_path_dispatches_one_op_per_call_and_per_backward():
-    """Host-light eager calls: with a tensor seed each public call is one dispatched op (the custom op, which
-    launches its kernels inside), and each backward one op (a multiply; the RTD rescale op)."""
+    """Host-light eager calls: with a tensor seed each public call dispatches one op (its custom op, which
+    launches the kernels inside), and each backward one (a multiply; the RTD rescale op)."""
     targets, valid, positions, mask, gen_logits, disc_logits, input_ids = _fixed_inputs()
     x = gen_logits.clone().requires_grad_(True)
     d = disc_logits.clone().requires_grad_(True)
@@ -210,8 +200,9 @@ def test_triton_path_dispatches_one_op_per_call_and_per_backward():
     disc_input_ids = input_ids.clone()
     replaced = torch.zeros(TOKENS, dtype=torch.bool, device=DEVICE)
     one = torch.ones((), device=DEVICE)
-    calls = {}
-    with _OpRecorder() as calls["sampling forward"]:
+    counted = {}
+    counter, launches = _op_counter()
+    with counter, launches:
         gen_loss = sample_and_cross_entropy(
             x,
             targets,
@@ -221,19 +212,26 @@ def test_triton_path_dispatches_one_op_per_call_and_per_backward():
             disc_input_ids=disc_input_ids,
             replaced_labels=replaced,
         )[0]
-    with _OpRecorder() as calls["sampling backward"]:
-        gen_loss.backward(one)
-    with _OpRecorder() as calls["rtd forward"]:
-        disc_loss = rtd_loss(d, replaced, mask)[0]
-    with _OpRecorder() as calls["rtd backward"]:
-        disc_loss.backward(one)
-    counted = {name: [op for op in rec.names if op != "aten::detach"] for name, rec in calls.items()}
-    assert counted == {
-        "sampling forward": ["alectra::sample_and_cross_entropy"],
-        "sampling backward": ["aten::mul.Tensor"],
-        "rtd forward": ["alectra::rtd_loss"],
-        "rtd backward": ["alectra::rtd_loss_backward"],
+    counted["sampling forward"] = counter
+    for name, run in (
+        ("sampling backward", lambda: gen_loss.backward(one)),
+        ("rtd forward", lambda: counted.__setitem__("rtd loss", rtd_loss(d, replaced, mask)[0])),
+        ("rtd backward", lambda: counted.pop("rtd loss").backward(one)),
+    ):
+        counter, launches = _op_counter()
+        with counter, launches:
+            run()
+        counted[name] = counter
+    dispatched = {name: dict(counter.dispatched) for name, counter in counted.items()}
+    device = {name: sum(counter.device.values()) for name, counter in counted.items()}
+    assert dispatched == {
+        "sampling forward": {"alectra::sample_and_cross_entropy": 1},
+        "sampling backward": {"aten::mul.Tensor": 1},
+        "rtd forward": {"alectra::rtd_loss": 1},
+        "rtd backward": {"alectra::rtd_loss_backward": 1},
     }
+    # valid.sum() + the row kernel + the finishing kernel; two RTD launches; one each backward.
+    assert device == {"sampling forward": 3, "sampling backward": 1, "rtd forward": 2, "rtd backward": 1}
 
 
 def test_custom_ops_pass_torch_library_opcheck():
@@ -244,7 +242,8 @@ def test_custom_ops_pass_torch_library_opcheck():
     replaced = torch.zeros(TOKENS, dtype=torch.bool, device=DEVICE)
     torch.library.opcheck(
         torch.ops.alectra.sample_and_cross_entropy.default,
-        (gen_logits, targets, seed, valid, 1.0, positions, input_ids.clone(), replaced),
+        (gen_logits, targets, seed, valid, positions, input_ids.clone(), replaced),
+        {"temperature": 1.0},
     )
     torch.library.opcheck(
         torch.ops.alectra.rtd_loss.default, (disc_logits.clone().requires_grad_(True), replaced, mask)
