@@ -313,18 +313,26 @@ class OpCounter(TorchDispatchMode):
                 del kernel.run  # back to the class's run
 
 
-def count_ops(device) -> list[str]:
-    """Table rows: dispatched ops and device work of one eager call of each op, forward and backward."""
+def project_kernels() -> tuple:
+    """Every @triton.jit kernel the ops launch, for `OpCounter.launches_of`."""
     from kernels import rtd_loss as rtd
     from kernels import sampling
 
-    kernels = (
+    return (
         sampling._sample_ce_fwd_kernel,
         sampling._sample_ce_finish_kernel,
         rtd._rtd_loss_fwd_kernel,
         rtd._rtd_loss_finish_kernel,
         rtd._rtd_loss_bwd_kernel,
     )
+
+
+def count_ops(device) -> list[str]:
+    """Table rows: dispatched ops and device work of one eager call of each op, forward and backward."""
+    from kernels import rtd_loss as rtd
+    from kernels import sampling
+
+    kernels = project_kernels()
     gen = torch.Generator().manual_seed(0)
     batch, seq, slots, vocab = 4, 128, 20, 128  # M = 4 x 20 slots; the counts do not depend on the shapes
     rows, tokens = batch * slots, batch * seq

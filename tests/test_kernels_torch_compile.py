@@ -16,8 +16,6 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from kernels import rtd_loss as rtd
-from kernels import sampling
 from kernels.rtd_loss import rtd_loss, rtd_loss_forward
 from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
 
@@ -166,14 +164,7 @@ def _op_counter():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     counter = bench.OpCounter()
-    kernels = (
-        sampling._sample_ce_fwd_kernel,
-        sampling._sample_ce_finish_kernel,
-        rtd._rtd_loss_fwd_kernel,
-        rtd._rtd_loss_finish_kernel,
-        rtd._rtd_loss_bwd_kernel,
-    )
-    return counter, counter.launches_of(*kernels)
+    return counter, counter.launches_of(*bench.project_kernels())
 
 
 @pytest.mark.parametrize("path", PATHS)
