@@ -16,7 +16,8 @@ gradient by `grad_output / n` (the Liger-Kernel cross-entropy idea: backward is 
 kernel reduces the partial sums in a fixed order (so the loss is bit-for-bit deterministic for a given shape
 on a given GPU: the program count follows its SM count) and writes the loss and the counts; the backward
 kernel reads `grad_output` and `n` from device memory and writes the logits-dtype gradient in one pass. Three
-launches in all, no host synchronisation.
+launches in all, no host synchronisation. The forward and backward launch functions are torch custom ops
+(`alectra::rtd_loss`, `alectra::rtd_loss_backward`), single nodes in a torch.compile graph.
 
 Legend for shape comments: N = number of tokens (B * T flattened).
 """

@@ -329,7 +329,7 @@ class SampleAndCrossEntropyFunction(torch.autograd.Function):
 
     An autograd.Function rather than `register_autograd` on the op: torch refuses autograd formulas for ops
     that mutate an argument (`CustomOpDef.register_autograd`: "non-functional operator"); torch.compile
-    traces this Function and the op inside it without a graph break (tests/test_kernels_sampling.py).
+    traces this Function and the op inside it without a graph break (tests/test_kernels_torch_compile.py).
     """
 
     @staticmethod
