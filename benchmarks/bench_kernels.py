@@ -334,7 +334,7 @@ def count_ops(device) -> list[str]:
 
     kernels = project_kernels()
     gen = torch.Generator().manual_seed(0)
-    batch, seq, slots, vocab = 4, 128, 20, 128  # M = 4 x 20 slots; the counts do not depend on the shapes
+    batch, seq, slots, vocab = 2, 32, 5, 128  # M = 2 x 5 slots: the counts do not depend on the shapes
     rows, tokens = batch * slots, batch * seq
     logits = torch.randn(rows, vocab, generator=gen).to(device)
     targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
