@@ -32,8 +32,11 @@ def test_all_kernels_compile_for_sm80_sm90_without_spills():
             assert (f"rtd_loss[{dtype}]", sm) in compiled
             assert (f"rtd_loss_bwd[{dtype}]", sm) in compiled
             assert (f"sample_ce[{dtype},scatter]", sm) in compiled
+            assert (f"sample_ce[{dtype},valid,scatter]", sm) in compiled
     for sm in CAPABILITIES:
         assert ("rtd_loss_finish", sm) in compiled
+        assert ("sample_ce_finish", sm) in compiled
+        assert ("sample_ce_finish[valid]", sm) in compiled
     for row in rows:
         assert row["spill_bytes"] == 0, row
         assert row["stack"] == 0, row
