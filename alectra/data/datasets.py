@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from alectra.data.examples import ExampleBuilder, load_or_build_plan
-from alectra.storage.indexed import IndexedDataset
+from alectra.storage.integrity import open_shards
 from alectra.storage.manifest import load_manifest
 
 
@@ -19,13 +19,8 @@ class ExamplePool:
     def __init__(self, data_path: str, *, max_seq_length: int, seed: int, valid_fraction: float) -> None:
         self.manifest = load_manifest(data_path)
         root = Path(self.manifest["_dir"])
-        self.shards = [IndexedDataset(root / s["prefix"]) for s in self.manifest["shards"]]
-        for s, ds in zip(self.manifest["shards"], self.shards, strict=True):
-            if len(ds) != s["sequences"] or ds.num_tokens != s["tokens"]:
-                raise ValueError(
-                    f"{ds.prefix}: {len(ds)} sequences / {ds.num_tokens} tokens, the manifest says "
-                    f"{s['sequences']} / {s['tokens']}; run `python -m data_prep verify {root}`"
-                )
+        # sizes and counts every time, checksums and token range once per shard identity (ShardError)
+        self.shards = open_shards(self.manifest)
         shard_ids = [s["bin_sha256"] for s in self.manifest["shards"]]
         wrapped = bool(self.manifest.get("special_tokens_in_sequences", False))
         self.plan = load_or_build_plan(
