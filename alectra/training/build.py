@@ -162,6 +162,7 @@ def pretraining_datasets(cfg: RunConfig, paths: list[str]) -> tuple[Any, Any]:
             seed=cfg.train.seed,
             valid_fraction=cfg.data.valid_fraction,
             num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
+            examples=cfg.data.examples,
         )
     except ShardError as exc:  # a damaged dataset is the user's to fix: one line, exit 2
         raise ConfigError(str(exc)) from None
