@@ -225,8 +225,8 @@ def test_killed_build_leaves_no_worker_and_reruns_byte_identical(tmp_path, tok_d
 def test_concurrent_builds_are_refused(tmp_path, tok_dir, capsys):
     """Before: a second build into the same folder ran alongside the first; now it is refused while the
     first holds the folder, and jobs of one array build still run side by side."""
-    corpus = _jsonl(tmp_path / "c.jsonl", 600)
-    common = ["--input", corpus, "--tokenizer", tok_dir, "--docs-per-shard", 100]
+    corpus = _jsonl(tmp_path / "c.jsonl", 3000)  # seconds of work: the test stops it well before the end
+    common = ["--input", corpus, "--tokenizer", tok_dir, "--docs-per-shard", 300]
 
     def stopped_build(out: Path, *extra) -> subprocess.Popen:
         """A build started in a subprocess and frozen (SIGSTOP) once it holds the folder's lock."""
@@ -245,6 +245,8 @@ def test_concurrent_builds_are_refused(tmp_path, tok_dir, capsys):
             proc.wait()
             raise
         proc.send_signal(signal.SIGSTOP)
+        # a build that ended before the signal (a very loaded machine) would make the test meaningless
+        assert proc.poll() is None, f"the build ended (exit {proc.returncode}) before it could be stopped"
         return proc
 
     def resume(proc: subprocess.Popen) -> None:
