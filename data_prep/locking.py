@@ -29,6 +29,7 @@ from pathlib import Path
 from data_prep.errors import DataPrepError
 
 LOCK_NAME = "build.lock"
+_NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 _HOLDER_BYTES = 4096
 
 
@@ -46,7 +47,7 @@ def _try_lock(fd: int, kind: int, byte: int) -> bool:
 class BuildLock:
     """This process's claim on an output folder (module docstring); ended by `release` or its death."""
 
-    def __init__(self, fd: int, *, exclusive: bool) -> None:
+    def __init__(self, fd: int | None, *, exclusive: bool) -> None:
         self._fd: int | None = fd
         self.exclusive = exclusive
         """True when no other build can be writing into the folder (a failed build's claim may be reset)."""
@@ -57,7 +58,19 @@ class BuildLock:
         fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             whole = num_shards == 1
-            if not _try_lock(fd, fcntl.LOCK_EX if whole else fcntl.LOCK_SH, 0):
+            try:
+                free = _try_lock(fd, fcntl.LOCK_EX if whole else fcntl.LOCK_SH, 0)
+            except OSError as exc:  # a network file system without working locks: build as before
+                if exc.errno not in _NO_LOCKING:
+                    raise
+                print(
+                    f"warning: {out}: cannot lock ({exc.strerror}); a second build into this folder would "
+                    "not be noticed",
+                    file=sys.stderr,
+                )
+                os.close(fd)
+                return cls(None, exclusive=False)
+            if not free:
                 raise DataPrepError(
                     f"{out}: another build is writing into this folder ({_describe(_read_holder(fd))}); "
                     "wait for it to finish or use another --output-dir"

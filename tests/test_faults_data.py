@@ -275,6 +275,21 @@ def test_concurrent_builds_are_refused(tmp_path, tok_dir, capsys):
     assert load_manifest(arr)["shards"] == load_manifest(out)["shards"]  # the last job merged
 
 
+def test_build_without_file_locks_goes_on_with_a_warning(tmp_path, tok_dir, capsys, monkeypatch):
+    """A network file system without fcntl locks (ENOLCK): the build is not stopped, it says so."""
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    code, err = _build(
+        capsys, "--input", _jsonl(tmp_path / "c.jsonl", 20), "--tokenizer", tok_dir, "-o", tmp_path / "o"
+    )
+    assert code == 0 and "cannot lock (No locks available)" in err, err
+
+
 def test_empty_corpus_is_an_error(tmp_path, tok_dir, capsys):
     """Before: exit 0 with 0 shards, and training on it ended in a traceback."""
     empty = tmp_path / "empty.txt"
