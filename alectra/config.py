@@ -81,6 +81,9 @@ class DataSection:
     """Tokenizer folder checked against the manifest; None = the manifest's own `tokenizer.name_or_path`."""
     max_seq_length: int = 64
     """Tokens per example, [CLS] and [SEP] included (the recipes: 128; the CPU demo: 64)."""
+    examples: str = "electra"
+    """"electra": google-research/electra's sentence packing; "line_pairs": the seed's ALECTRA-Small-OWT
+    examples, two lines of one document as segments A and B, each cut to (max_seq_length + 1) // 2 tokens."""
     valid_fraction: float = 0.01
     """Fraction of documents held out for evaluation."""
     num_workers: int = 1
@@ -93,6 +96,10 @@ class DataSection:
         )
         _require(self.weights is None or all(w > 0 for w in self.weights), "data.weights must all be > 0")
         _require(self.max_seq_length >= 8, f"data.max_seq_length must be >= 8, got {self.max_seq_length}")
+        _require(
+            self.examples in ("electra", "line_pairs"),
+            f"data.examples: unknown {self.examples!r}; choose electra or line_pairs",
+        )
         _require(
             0 < self.valid_fraction < 1, f"data.valid_fraction must be in (0, 1), got {self.valid_fraction}"
         )

@@ -152,15 +152,20 @@ def _restore(engine: Any, info: CheckpointInfo, same_world: bool) -> TrainState:
 def pretraining_datasets(cfg: RunConfig, paths: list[str]) -> tuple[Any, Any]:
     """(train, valid) datasets of a run: which samples, in which order, follows from the run config alone."""
     from alectra.data import build_pretraining_datasets
+    from alectra.storage.integrity import ShardError
 
-    return build_pretraining_datasets(
-        paths,
-        cfg.data.weights,
-        max_seq_length=cfg.data.max_seq_length,
-        seed=cfg.train.seed,
-        valid_fraction=cfg.data.valid_fraction,
-        num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
-    )
+    try:  # shards are checked here, before any DataLoader worker exists
+        return build_pretraining_datasets(
+            paths,
+            cfg.data.weights,
+            max_seq_length=cfg.data.max_seq_length,
+            seed=cfg.train.seed,
+            valid_fraction=cfg.data.valid_fraction,
+            num_train_samples=cfg.train.steps * cfg.train.global_batch_size,
+            examples=cfg.data.examples,
+        )
+    except ShardError as exc:  # a damaged dataset is the user's to fix: one line, exit 2
+        raise ConfigError(str(exc)) from None
 
 
 def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:
