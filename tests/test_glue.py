@@ -14,12 +14,10 @@ import torch
 from alectra.glue import metrics
 from alectra.glue.__main__ import main, resolve_model_dir
 from alectra.glue.finetune import (
-    AdamWeightDecay,
     FinetuneConfig,
     build_classifier,
     finetune_task,
     layer_depths,
-    lr_factor,
     parameter_groups,
     training_examples,
 )
@@ -33,6 +31,7 @@ from alectra.glue.tasks import (
     parse_task_list,
     read_glue_tsv,
 )
+from alectra.optim import AdamWeightDecay, electra_multiplier
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -325,8 +324,14 @@ def test_classifier_keeps_encoder_and_gets_a_fresh_head(tiny_models, arch, head)
 
 def test_schedule_and_optimizer_follow_electra():
     # polynomial_decay(power 1) x min(1, step / warmup) with 10 steps, 1 warmup step.
-    assert [round(lr_factor(s, 10, 1.0), 6) for s in (0, 1, 5, 10)] == [0.0, 0.9, 0.5, 0.0]
-    assert lr_factor(2, 10, 4.0) == pytest.approx(0.8 * 0.5)
+    lr_factor = electra_multiplier
+    assert [round(lr_factor(s, total_steps=10, warmup_steps=1.0), 6) for s in (0, 1, 5, 10)] == [
+        0.0,
+        0.9,
+        0.5,
+        0.0,
+    ]
+    assert lr_factor(2, total_steps=10, warmup_steps=4.0) == pytest.approx(0.8 * 0.5)
     param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     optimizer = AdamWeightDecay(
         [{"params": [param], "lr": 0.1, "weight_decay": 0.5}], lr=0.1, betas=(0.9, 0.999), eps=1e-6

@@ -23,6 +23,7 @@ from torch import nn
 
 from alectra.glue import metrics
 from alectra.glue.tasks import STSB_MAX_SCORE, GlueExample, GlueTask
+from alectra.optim import AdamWeightDecay, lr_multiplier, uses_weight_decay
 
 HEADS = ("electra", "mean", "auto")
 
@@ -244,17 +245,12 @@ def layer_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     return depths, n_layers
 
 
-def _no_weight_decay(name: str) -> bool:
-    # ELECTRA: exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"].
-    return "LayerNorm" in name or "layer_norm" in name or name.endswith("bias")
-
-
 def parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict]:
     """Optimizer groups, one per (depth, weight-decay) pair, each with its own learning rate."""
     depths, n_layers = layer_depths(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
-        depth, decay = depths[name], config.weight_decay > 0 and not _no_weight_decay(name)
+        depth, decay = depths[name], config.weight_decay > 0 and uses_weight_decay(name)
         group = groups.setdefault(
             (depth, decay),
             {
@@ -266,40 +262,6 @@ def parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict]:
         )
         group["params"].append(param)
     return [groups[k] for k in sorted(groups)]
-
-
-class AdamWeightDecay(torch.optim.Optimizer):
-    """ELECTRA's AdamWeightDecayOptimizer: Adam *without* bias correction, plus decoupled weight decay.
-
-    update = m / (sqrt(v) + eps) + wd * param; param -= lr * update (`model/optimization.py`).
-    """
-
-    def __init__(self, params: list[dict], *, lr: float, betas: tuple[float, float], eps: float) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
-
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["m"], state["v"] = torch.zeros_like(param), torch.zeros_like(param)
-                m, v = state["m"], state["v"]
-                m.mul_(beta1).add_(param.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-                update = m / (v.sqrt() + group["eps"])
-                if group["weight_decay"] > 0:
-                    update.add_(param, alpha=group["weight_decay"])
-                param.add_(update, alpha=-group["lr"])
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: float) -> float:
-    """ELECTRA's schedule at global step `step`: linear decay to 0, times min(1, step / warmup)."""
-    decay = 1.0 - min(step, total_steps) / total_steps
-    return decay * (min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0)
 
 
 def usable_length(model: nn.Module, max_seq_length: int) -> int:
@@ -450,7 +412,7 @@ def finetune_task(
         parameter_groups(model, config), lr=config.learning_rate, betas=(0.9, 0.999), eps=config.adam_epsilon
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps)
+        optimizer, lr_multiplier("electra", total_steps=total_steps, warmup_steps=warmup_steps)
     )
     generator = torch.Generator().manual_seed(seed)
     batches = _shuffled_batches(len(train_data), min(config.batch_size, len(train_data)), generator)
