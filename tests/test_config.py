@@ -22,17 +22,25 @@ def test_demo_yaml_is_the_builtin_default():
     assert load_config(ROOT / "configs" / "demo.yaml") == RunConfig()
 
 
-@pytest.mark.parametrize("name", ["alectra_small_owt", "electra_small_owt", "electra_base"])
+@pytest.mark.parametrize(
+    "name", ["alectra_small_owt", "alectra_small_electra_recipe", "electra_small_owt", "electra_base"]
+)
 def test_recipes_load_with_their_numbers(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    google = ("adamw", "electra", 1.0, "auto")  # optimizer, schedule, clip, precision
+    seed = ("lamb", "linear", 0.0, "fp32")
     expected = {
-        "alectra_small_owt": ("alectra-small", 512, 500_000, 40_000, 2e-3),
-        "electra_small_owt": ("electra-small", 128, 1_000_000, 10_000, 5e-4),
-        "electra_base": ("electra-base", 256, 766_000, 10_000, 2e-4),
+        # the seed's script (lmtuners 86f31ba) at the card's numbers: LAMB, HF linear schedule, no clipping
+        "alectra_small_owt": ("alectra-small-owt", 512, 500_000, 40_000, 2e-3, seed),
+        "alectra_small_electra_recipe": ("alectra-small", 512, 500_000, 40_000, 2e-3, google),
+        "electra_small_owt": ("electra-small", 128, 1_000_000, 10_000, 5e-4, google),
+        "electra_base": ("electra-base", 256, 766_000, 10_000, 2e-4, google),
     }[name]
     t = cfg.train
-    assert (cfg.model.preset, t.global_batch_size, t.steps, t.warmup_steps, t.lr) == expected
-    assert (t.adam_eps, t.weight_decay, t.clip_grad_norm) == (1e-6, 0.01, 1.0)
+    assert (cfg.model.preset, t.global_batch_size, t.steps, t.warmup_steps, t.lr) == expected[:5]
+    assert (t.optimizer, t.lr_schedule, t.clip_grad_norm, t.precision) == expected[5]
+    assert (t.adam_eps, t.weight_decay, t.adam_beta1, t.adam_beta2) == (1e-6, 0.01, 0.9, 0.999)
+    assert cfg.data.max_seq_length == (512 if name == "electra_base" else 128)
 
 
 def test_overrides_are_typed():
