@@ -359,6 +359,44 @@ def test_training_set_subsampling_and_order_doubling():
         FinetuneConfig(head="mlp")
 
 
+def test_loss_is_summed_over_the_batch_as_the_reference():
+    """run_finetuning.py: `self.loss = tf.reduce_sum(per-example losses)`, then the clip at 1.0."""
+    from alectra.glue.finetune import task_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert FinetuneConfig().loss_reduction == "sum"
+    torch.testing.assert_close(task_loss(logits, labels, False, reduction="sum"), per_example.sum())
+    torch.testing.assert_close(task_loss(logits, labels, False, reduction="mean"), per_example.mean())
+    scores, targets = torch.randn(8, 1, generator=g), torch.rand(8, generator=g)
+    torch.testing.assert_close(
+        task_loss(scores, targets, True, reduction="sum"), ((scores.squeeze(-1) - targets) ** 2).sum()
+    )
+    with pytest.raises(ValueError, match="loss_reduction must be one of"):
+        FinetuneConfig(loss_reduction="max")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_finetune_task_uses_the_configured_reduction(tiny_models, glue_dir, monkeypatch, reduction):
+    from transformers import AutoTokenizer
+
+    import alectra.glue.finetune as finetune
+
+    seen, original = [], finetune.task_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["reduction"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "task_loss", spy)
+    train, dev = load_local_task(TASKS["sst2"], glue_dir)
+    config = FinetuneConfig(max_steps=2, batch_size=4, loss_reduction=reduction, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["electra"])
+    finetune_task(tiny_models["electra"], tokenizer, TASKS["sst2"], train, dev, seed=0, config=config)
+    assert seen == [reduction, reduction]
+
+
 @pytest.mark.parametrize("task, arch", [("sst2", "electra"), ("stsb", "albert")])
 def test_finetuning_learns_a_synthetic_task(tiny_models, glue_dir, task, arch):
     from transformers import AutoTokenizer
