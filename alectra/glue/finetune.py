@@ -206,9 +206,10 @@ def build_classifier(model_dir: pathlib.Path, num_outputs: int, config: Finetune
         dropout = config.dropout if config.dropout is not None else hf_config.hidden_dropout_prob
         pooling = "cls" if config.head == "electra" else "mean"
         return LinearHeadClassifier(encoder, num_outputs, dropout, pooling)
-    # The exported discriminator is *ForTokenClassification with a 1-unit "classifier": from_pretrained on a
-    # *ForSequenceClassification would load that RTD head as the STS-B regression head (same name and shape
-    # for ALBERT/BERT), so the task model is built fresh and only the encoder weights are copied in.
+    # A folder may hold a discriminator with its RTD head (an export's rtd/, a round-1 export, a hub
+    # *ForTokenClassification): from_pretrained on a *ForSequenceClassification would load a 1-unit
+    # "classifier" as the STS-B regression head (same name and shape for ALBERT/BERT), so the task model is
+    # built fresh and only the encoder weights are copied in.
     hf_config.num_labels = num_outputs
     hf_config.id2label = {i: str(i) for i in range(num_outputs)}
     hf_config.label2id = {str(i): i for i in range(num_outputs)}
