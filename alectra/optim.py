@@ -91,15 +91,16 @@ class SegmentLayout:
     """
 
     segment_ids: torch.Tensor
-    """(numel,) int64 on the tensor's device: parameter index of each element, `num_segments` for padding."""
+    """(numel,) int32 (or int64) on the tensor's device: parameter index of each element, `num_segments` for
+    padding. int32 halves the index's memory (it is as long as the partition)."""
     num_segments: int
     """Parameters in the whole (unpartitioned) group; ids run over all of them, so ranks agree on them."""
     process_group: Any = None
     """Group over which the per-segment sums are all-reduced (the data-parallel group); None: local only."""
 
     def __post_init__(self) -> None:
-        if self.segment_ids.dim() != 1 or self.segment_ids.dtype != torch.int64:
-            raise ValueError("SegmentLayout.segment_ids must be a 1-D int64 tensor")
+        if self.segment_ids.dim() != 1 or self.segment_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError("SegmentLayout.segment_ids must be a 1-D int32 or int64 tensor")
 
 
 class Lamb(torch.optim.Optimizer):
@@ -113,6 +114,8 @@ class Lamb(torch.optim.Optimizer):
     with one trust ratio per parameter tensor. A tensor registered in `layouts` (ZeRO's flat partitions, see
     alectra.training.zero_layout) is updated with per-segment norms in a fixed number of tensor operations
     (index_add + one all-reduce), whatever the number of parameters in it; any other tensor is one segment.
+    On CUDA, index_add_ accumulates with atomics, so the per-parameter sums of squares are reproducible only
+    up to their summation order (about 1e-7 relative) unless torch.use_deterministic_algorithms(True).
 
     Skip protocol (as torch's fused AdamW under GradScaler): if `self.found_inf` is set, a 0-dim fp32 tensor
     on the parameters' device, a value > 0 leaves every parameter and state tensor as it was. Nothing in

@@ -62,9 +62,9 @@ def segment_layouts(zero_optimizer: Any) -> dict[torch.Tensor, SegmentLayout]:
 
 
 def _group_segment_ids(numels: list[int], offsets: list[int], *, total: int) -> torch.Tensor:
-    """(total,) int64: k on parameter k's elements [offsets[k], offsets[k] + numels[k]), len(numels) on
+    """(total,) int32: k on parameter k's elements [offsets[k], offsets[k] + numels[k]), len(numels) on
     padding. Built once at start, so a loop over the parameters is fine here."""
-    ids = torch.full((total,), len(numels), dtype=torch.int64)
+    ids = torch.full((total,), len(numels), dtype=torch.int32)
     for k, (numel, offset) in enumerate(zip(numels, offsets, strict=True)):
         if offset + numel > total:
             raise RuntimeError(f"parameter {k} ends at {offset + numel}, past the flat buffer ({total})")
