@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
+from alectra.optim import OPTIMIZERS, SCHEDULES
 from alectra.presets import PRESETS, ModelConfig, get_preset
 from alectra.storage.atomic import write_text_atomic
 
-OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -122,11 +122,14 @@ class TrainSection:
     """Sequences per forward pass per rank; gradient accumulation = global / (micro x data-parallel size)."""
     optimizer: str = "adamw"
     """"adamw" (torch's fused AdamW on GPU and CPU, DeepSpeedCPUAdam with CPU offload) or "lamb"
-    (per-tensor trust ratios, so only with ZeRO stage 0: ZeRO partitions flatten the tensors)."""
+    (pytorch-lamb's, the seed's: no bias correction, weight norm clamped at 10; ZeRO-1/2, fp32 or bf16)."""
     lr: float = 1e-3
     """Peak learning rate (ELECTRA-Small: 5e-4 at batch 128; ALECTRA-Small: 2e-3 at batch 512)."""
+    lr_schedule: str = "electra"
+    """"electra": linear decay to 0 times a linear warmup (google-research/electra); "linear": linear warmup
+    then linear decay to 0 (Hugging Face get_linear_schedule_with_warmup, the seed's)."""
     warmup_steps: int = 20
-    """Linear warmup steps; the warmup factor multiplies the linear decay (google-research/electra)."""
+    """Linear warmup steps (see lr_schedule)."""
     weight_decay: float = 0.01
     """Decoupled weight decay, not applied to LayerNorm weights and biases (reference)."""
     adam_beta1: float = 0.9
@@ -154,6 +157,10 @@ class TrainSection:
         _require(
             self.precision in PRECISIONS,
             f"train.precision must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        _require(
+            self.lr_schedule in SCHEDULES,
+            f"train.lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}",
         )
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")

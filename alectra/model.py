@@ -9,33 +9,43 @@ Follows google-research/electra `run_pretraining.py` (`PretrainingModel`):
      and label a position "replaced" only where the sample differs from the original;
   4. loss = generator CE (mean over masked) + disc_weight * sigmoid RTD loss (mean over real tokens).
 
-Weight tying is real (the reference's `tie_embeddings` reuses the "electra/embeddings" variable scope): word,
-position and token-type embeddings and the embedding LayerNorm are ONE module held by both networks, and the
-generator's output layer multiplies by that word-embedding matrix plus its own bias. Each network keeps its
-own embedding->hidden projection (ELECTRA `embeddings_project`, ALBERT `embedding_hidden_mapping_in`).
+Weight tying (`ModelConfig.embedding_tying`, default "shared") is real (the reference reuses the
+"electra/embeddings" variable scope): word, position and token-type embeddings and the embedding LayerNorm
+are ONE module held by both networks, and the generator's output layer multiplies by that word-embedding
+matrix plus its own bias. Each network keeps its own embedding->hidden projection (ELECTRA
+`embeddings_project`, ALBERT `embedding_hidden_mapping_in`). "copied" reproduces the seed (lmtuners), whose
+`tie_weights` copies the generator's tables into the discriminator at initialisation.
+
+The discriminator's RTD head (`ModelConfig.discriminator_head`): "electra" is HF's `ElectraForPreTraining`
+for an ELECTRA discriminator (dense + activation + dense(1), the reference's), and the same
+`discriminator_predictions` on top of any other encoder; "linear" is `*ForTokenClassification` with two
+labels (the seed's), whose logit difference is the RTD logit.
 
 Shape legend: B batch, T sequence length, M masked positions in the batch, V vocabulary, H hidden width.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import inspect
-import os
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForTokenClassification, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForTokenClassification,
+    ElectraForPreTraining,
+    PretrainedConfig,
+)
+from transformers.models.electra.modeling_electra import ElectraDiscriminatorPredictions
 
 from alectra.masking import derive_seed, mask_tokens
 from alectra.presets import ModelConfig
-from alectra.storage.atomic import write_dir_atomically
 from alectra.storage.manifest import MODEL_SPECIAL_TOKENS
 from kernels.rtd_loss import rtd_loss
 from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
@@ -116,7 +126,13 @@ def build_hf_configs(config: ModelConfig, vocab_size: int) -> tuple[PretrainedCo
             ) from None
 
     generator = make("generator")
-    discriminator = make("discriminator", num_labels=1, id2label={0: "replaced"}, label2id={"replaced": 0})
+    labels = ["replaced"] if config.discriminator_head == "electra" else ["original", "replaced"]
+    discriminator = make(
+        "discriminator",
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
     return generator, discriminator
 
 
@@ -152,6 +168,54 @@ def mlm_head(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(
         f"{type(generator).__name__}: unknown MLM head layout; supported: BERT, ELECTRA, ALBERT, RoBERTa"
     )
+
+
+class ElectraHeadDiscriminator(nn.Module):
+    """Any HF encoder + ELECTRA's RTD head, with ElectraForPreTraining's parameter names (`<prefix>.*`,
+    `discriminator_predictions.*`), for the "electra" head on a BERT or ALBERT discriminator."""
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        self.config = config
+        encoder = AutoModel.from_config(config, **_no_pooler(config))
+        self.base_model_prefix = encoder.base_model_prefix
+        setattr(self, self.base_model_prefix, encoder)
+        self.discriminator_predictions = ElectraDiscriminatorPredictions(config)
+        for layer in (self.discriminator_predictions.dense, self.discriminator_predictions.dense_prediction):
+            nn.init.normal_(layer.weight, std=config.initializer_range)  # as HF initialises it
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix)
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.discriminator_predictions(self.base_model(**inputs).last_hidden_state)  # (B, T)
+
+
+def _no_pooler(config: PretrainedConfig) -> dict:
+    """`add_pooling_layer=False` where the architecture has a pooler (BERT, ALBERT): no loss trains it."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    params = inspect.signature(MODEL_MAPPING[type(config)].__init__).parameters
+    return {"add_pooling_layer": False} if "add_pooling_layer" in params else {}
+
+
+def build_discriminator(config: ModelConfig, hf_config: PretrainedConfig) -> nn.Module:
+    """The discriminator network with the RTD head `config.discriminator_head` asks for."""
+    if config.discriminator_head == "linear":
+        return AutoModelForTokenClassification.from_config(hf_config)
+    if hf_config.model_type == "electra":
+        return ElectraForPreTraining(hf_config)
+    return ElectraHeadDiscriminator(hf_config)
+
+
+def rtd_logits(discriminator: nn.Module, **inputs: torch.Tensor) -> torch.Tensor:
+    """(B, T) replaced-token logits of any discriminator `build_discriminator` makes: the "linear" head's
+    two-way softmax over (original, replaced) is a sigmoid on l_replaced - l_original."""
+    out = discriminator(**inputs)
+    logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T) or (B, T, 2)
+    return logits[..., 1] - logits[..., 0] if logits.dim() == 3 else logits
 
 
 def _pick_shared_embeddings(generator: nn.Module, discriminator: nn.Module) -> nn.Module:
@@ -192,8 +256,12 @@ class ElectraPretrainingModel(nn.Module):
         gen_config, disc_config = (
             hf_configs if hf_configs is not None else build_hf_configs(config, vocab_size)
         )
-        if disc_config.num_labels != 1:
-            raise ValueError(f"the discriminator config must have num_labels=1, got {disc_config.num_labels}")
+        want_labels = 1 if config.discriminator_head == "electra" else 2
+        if disc_config.num_labels != want_labels:
+            raise ValueError(
+                f"discriminator_head={config.discriminator_head!r} needs a discriminator config with "
+                f"num_labels={want_labels}, got {disc_config.num_labels}"
+            )
         if gen_config.vocab_size != vocab_size:
             raise ValueError(
                 f"generator vocab_size {gen_config.vocab_size} != tokenizer vocab_size {vocab_size}"
@@ -201,15 +269,19 @@ class ElectraPretrainingModel(nn.Module):
         check_compatible(gen_config, disc_config)
 
         self.generator = AutoModelForMaskedLM.from_config(gen_config)
-        self.discriminator = AutoModelForTokenClassification.from_config(disc_config)
+        self.discriminator = build_discriminator(config, disc_config)
         self._tie_embeddings()
         self._mlm_head = mlm_head(self.generator)
 
     def _tie_embeddings(self) -> None:
-        if self.config.untied_generator_embeddings:
+        if self.config.embedding_tying != "shared":
             # Generator output layer = the generator's own word-embedding matrix + its bias.
-            own = self.generator.base_model.embeddings.word_embeddings.weight
-            self.generator.get_output_embeddings().weight = own
+            gen_emb, disc_emb = (net.base_model.embeddings for net in (self.generator, self.discriminator))
+            self.generator.get_output_embeddings().weight = gen_emb.word_embeddings.weight
+            if self.config.embedding_tying == "copied":  # lmtuners utils.tie_weights: Parameter(w.clone())
+                with torch.no_grad():
+                    for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+                        getattr(disc_emb, name).weight.copy_(getattr(gen_emb, name).weight)
             return
         shared = _pick_shared_embeddings(self.generator, self.discriminator)
         self.generator.base_model.embeddings = shared
@@ -219,8 +291,8 @@ class ElectraPretrainingModel(nn.Module):
 
     @property
     def shared_embeddings(self) -> nn.Module:
-        """The embedding module (word, position, token type, LayerNorm) both networks hold; with
-        `untied_generator_embeddings`, the discriminator's own."""
+        """The embedding module (word, position, token type, LayerNorm) both networks hold; when they are not
+        shared (`embedding_tying`), the discriminator's own."""
         return self.discriminator.base_model.embeddings
 
     def _sampler(
@@ -283,11 +355,14 @@ class ElectraPretrainingModel(nn.Module):
             replaced_labels=replaced,
         )
 
-        disc_logits = self.discriminator(
-            input_ids=disc_input_ids.view(B, T), attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).logits  # (B, T, 1)
+        disc_logits = rtd_logits(
+            self.discriminator,
+            input_ids=disc_input_ids.view(B, T),
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+        )  # (B, T)
         disc_loss, counts = rtd_loss(
-            disc_logits.view(-1), replaced, attention_mask.reshape(-1).bool(), use_triton=use_triton
+            disc_logits.reshape(-1), replaced, attention_mask.reshape(-1).bool(), use_triton=use_triton
         )
         tp, fp, fn, tn = counts.unbind()
         metrics = {
@@ -331,7 +406,8 @@ class ElectraPretrainingModel(nn.Module):
           forward = 2 * [L * (4 H^2 + 2 H F) + E H (projection, if E != H)]   dense matmuls
                   + 2 * 2 * L * T * H                                         attention scores and values
         The generator adds its MLM head (H E + E V) only on the masked fraction of tokens,
-        min(mask_prob, max_predictions / T); the discriminator adds its 1-logit classifier (H).
+        min(mask_prob, max_predictions / T); the discriminator adds its RTD head (electra: H^2 + H;
+        linear: 2 H).
         Embedding lookups, LayerNorm and softmax are ignored. ALBERT counts every layer application.
         """
         mask_fraction = min(self.config.mask_prob, self.config.max_predictions_for(seq_len) / seq_len)
@@ -344,32 +420,16 @@ class ElectraPretrainingModel(nn.Module):
                     * (c.hidden_size * embedding_size_of(c) + embedding_size_of(c) * c.vocab_size)
                 ),
             ),
-            (self.discriminator, lambda c: c.hidden_size),
+            (
+                self.discriminator,
+                lambda c: c.hidden_size * (c.hidden_size + 1 if c.num_labels == 1 else 2),
+            ),
         ):
             c = network.config
             H, F, L, E = c.hidden_size, c.intermediate_size, c.num_hidden_layers, embedding_size_of(c)
             dense = L * (4 * H * H + 2 * H * F) + (E * H if E != H else 0) + head(c)
             total += 2 * dense + 4 * L * seq_len * H
         return 3.0 * total
-
-    def save_pretrained_parts(self, out_dir: str | os.PathLike, *, extra_files: Sequence[Path] = ()) -> None:
-        """Write `out_dir/discriminator/` (token classification) and `out_dir/generator/` (masked LM) as
-        safetensors folders, each with its own full copy of the shared embeddings and a copy of every file in
-        `extra_files` (e.g. the tokenizer's); each folder is written under a temporary name and renamed when
-        complete."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("discriminator", "generator"):
-            # deepcopy of one network copies the shared module into a private one; the generator keeps
-            # its output layer tied to its (copied) word embeddings, which HF re-ties on load.
-            network = copy.deepcopy(getattr(self, name)).to(torch.float32).cpu()
-
-            def write(tmp: Path, network: nn.Module = network) -> None:
-                network.save_pretrained(tmp)
-                for f in extra_files:
-                    shutil.copy2(f, tmp / Path(f).name)
-
-            write_dir_atomically(out_dir / name, write)
 
 
 def config_to_dict(config: ModelConfig) -> dict:

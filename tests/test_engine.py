@@ -169,6 +169,28 @@ def test_zero_stages_and_ranks_match_reference(demo, reference, tmp_path, ranks,
     assert_matches_reference(losses(out), reference[1])
 
 
+def test_lamb_seed_recipe_same_losses_at_1_and_2_ranks(demo, tmp_path):
+    """The seed's recipe through the trainer (LAMB, HF linear schedule, no clipping, linear RTD head, copied
+    embeddings, ALBERT generator): 1 rank holds each parameter group in one ZeRO-2 partition, 2 ranks split
+    them (ZeRO-1); LAMB's per-parameter trust ratios must not notice (alectra/training/zero_layout.py)."""
+    seed = {
+        "train.optimizer": "lamb",
+        "train.lr_schedule": "linear",
+        "train.clip_grad_norm": 0.0,
+        "train.lr": 2e-3,
+        "model.overrides.discriminator_head": "linear",
+        "model.overrides.embedding_tying": "copied",
+        "model.overrides.generator_arch": "albert",
+        "logging.eval_every": 0,
+    }
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(launch(run_args(demo, one, zero=2, **seed)))
+    finish(launch(run_args(demo, two, zero=1, **seed), ranks=2))
+    ref = losses(one)
+    assert ref[STEPS] < ref[1], f"loss did not fall: {ref}"
+    assert_matches_reference(losses(two), ref)
+
+
 def test_kill_sigterm_half_written_checkpoint_then_exact_resume(demo, reference, tmp_path):
     """SIGKILL after a checkpoint, SIGTERM (exit 75 with a checkpoint), a half-written newer checkpoint that
     must be ignored, then a resume to the end: per-step losses equal the uninterrupted run bit for bit."""

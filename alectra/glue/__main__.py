@@ -14,7 +14,13 @@ import sys
 import tempfile
 import time
 
-from alectra.glue.finetune import HEADS, FinetuneConfig, count_encoder_parameters, finetune_task
+from alectra.glue.finetune import (
+    HEADS,
+    LOSS_REDUCTIONS,
+    FinetuneConfig,
+    count_encoder_parameters,
+    finetune_task,
+)
 from alectra.glue.report import build_report, to_markdown, write_report
 from alectra.glue.tasks import load_hub_task, load_local_task, parse_task_list
 from alectra.storage.tokenizer import load_tokenizer
@@ -50,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recipe = p.add_argument_group("recipe overrides (defaults: ELECTRA-Small's GLUE recipe)")
     defaults = FinetuneConfig()
     for field in dataclasses.fields(FinetuneConfig):
-        if field.name in ("head", "double_unordered", "device"):
+        if field.name in ("head", "double_unordered", "device", "loss_reduction"):
             continue
         default = getattr(defaults, field.name)
         kind = (
@@ -67,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.head,
         help="electra: dropout + linear on [CLS] (reference); mean: the same on the mean over real tokens; "
         "auto: the architecture's own HF head",
+    )
+    recipe.add_argument(
+        "--loss-reduction",
+        choices=LOSS_REDUCTIONS,
+        default=defaults.loss_reduction,
+        help="sum: per-example losses summed over the batch before clipping (reference); mean: averaged",
     )
     recipe.add_argument(
         "--no-double-unordered",

@@ -16,6 +16,7 @@ import torch
 import torch.distributed
 
 from alectra.config import ConfigError, RunConfig, save_config
+from alectra.optim import Lamb
 from alectra.training.checkpoint import (
     Checkpointer,
     CheckpointInfo,
@@ -36,6 +37,7 @@ from alectra.training.ds_config import (
 from alectra.training.metrics import MetricsReporter
 from alectra.training.optim import build_optimizer, build_scheduler
 from alectra.training.trainer import Trainer, TrainState, set_rng_states
+from alectra.training.zero_layout import segment_layouts
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,8 @@ def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config
     )
+    if isinstance(optimizer, Lamb):  # per-parameter trust ratios over ZeRO's flat partitions
+        optimizer.layouts = segment_layouts(engine.optimizer)
     state = TrainState() if resume is None else _restore(engine, resume, same_world)
 
     if rank == 0:

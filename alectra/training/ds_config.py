@@ -3,7 +3,7 @@
 `ds_configs/*.json` leave batch sizes, clipping, precision and the monitor as `"auto"` (the convention of
 the Hugging Face DeepSpeed integration); every such value is filled here from the RunConfig, and an explicit
 value that disagrees with the run config is an error rather than a silent winner. The optimizer and LR
-schedule are built in alectra.training.optim, so a JSON `optimizer`/`scheduler` block is rejected.
+schedule come from the run config (alectra.optim), so a JSON `optimizer`/`scheduler` block is rejected.
 """
 
 from __future__ import annotations
@@ -128,21 +128,20 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
     zero = ds.setdefault("zero_optimization", {})
     stage = zero.get("stage", 0)
     offload = offloads_optimizer(ds)
-    if cfg.train.optimizer == "lamb" and stage != 0:
+    if stage == 0:
         raise ConfigError(
-            f"train.optimizer=lamb needs zero_optimization.stage 0 (ZeRO stage {stage} flattens parameters "
-            f"into partitions, which breaks LAMB's per-tensor trust ratio); use adamw or a stage-0 JSON"
+            f"zero_optimization.stage 0 with {cfg.train.optimizer}: the non-finite-step skip needs "
+            "DeepSpeed's ZeRO optimizer; use ds_configs/zero1.json (same math, optimizer state sharded)"
         )
-    if cfg.train.optimizer == "lamb" and precision != "fp32":
-        raise ConfigError(
-            f"train.optimizer=lamb runs in fp32 only ({precision}: DeepSpeed's mixed-precision wrappers "
-            f"flatten parameters, which breaks LAMB's per-tensor trust ratio); pass --train.precision fp32"
-        )
-    if cfg.train.optimizer == "adamw" and stage == 0:
-        raise ConfigError(
-            "zero_optimization.stage 0 with adamw: the non-finite-step skip needs DeepSpeed's ZeRO "
-            "optimizer; use ds_configs/zero1.json (same math, optimizer state sharded)"
-        )
+    if cfg.train.optimizer == "lamb":
+        if stage not in (1, 2):
+            raise ConfigError(
+                f"train.optimizer=lamb supports ZeRO stage 1 and 2 (per-parameter norms over the flat "
+                f"partitions, alectra.training.zero_layout), got stage {stage}; use ds_configs/zero1.json or "
+                "zero2.json"
+            )
+        # DeepSpeed lists the optimizers it has tested with ZeRO; LAMB's partition handling is ours.
+        _fill(ds, "zero_allow_untested_optimizer", True, "zero_allow_untested_optimizer")
     if offload and cfg.train.optimizer != "adamw":
         raise ConfigError("offload_optimizer needs train.optimizer=adamw (DeepSpeedCPUAdam)")
 
