@@ -23,12 +23,16 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from alectra.model import ElectraPretrainingModel
 from alectra.presets import ModelConfig
 from alectra.storage.atomic import write_dir_atomically, write_text_atomic
+from alectra.training import ds_env
+
+if TYPE_CHECKING:  # imported where used, so that `--help` and a bad path answer at once
+    import torch
+
+    from alectra.model import ElectraPretrainingModel
 
 METADATA_NAME = "alectra_model.json"
 METADATA_FORMAT = "alectra-model/1"
@@ -72,6 +76,8 @@ def write_model_metadata(
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export a DeepSpeed checkpoint (run dir, checkpoints dir with `latest`, or a tag dir) to HF folders."""
+    from alectra.model import ElectraPretrainingModel
+
     checkpoints_dir, tag = _resolve_checkpoint(Path(checkpoint_path))
     metadata = _read_metadata(checkpoints_dir)
     model = ElectraPretrainingModel(
@@ -79,10 +85,11 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.Path
         vocab_size=metadata["vocab_size"],
         special_token_ids=metadata["special_token_ids"],
     )
-    _load_weights(model, _read_fp32_state_dict(checkpoints_dir, tag), source=checkpoints_dir / tag)
     tokenizer_dir = checkpoints_dir / TOKENIZER_SUBDIR
     files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()] if tokenizer_dir.is_dir() else []
-    model.save_pretrained_parts(out_dir, extra_files=files)
+    with ds_env.quiet_output():  # DeepSpeed's consolidation and HF's save print progress bars
+        _load_weights(model, _read_fp32_state_dict(checkpoints_dir, tag), source=checkpoints_dir / tag)
+        model.save_pretrained_parts(out_dir, extra_files=files)
     return Path(out_dir)
 
 
@@ -119,9 +126,12 @@ def _read_metadata(checkpoints_dir: Path) -> dict:
 
 
 def _read_fp32_state_dict(checkpoints_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    import torch
+
     tag_dir = checkpoints_dir / tag
     # ZeRO writes [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt; stage 0 writes only model states.
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        ds_env.prepare()  # before DeepSpeed's import: its accelerator choice without the warning
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # ZeRO-1/2/3: the fp32 master weights live in the optimizer shards; DeepSpeed's own consolidation.

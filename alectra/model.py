@@ -20,7 +20,6 @@ Shape legend: B batch, T sequence length, M masked positions in the batch, V voc
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import inspect
 import os
@@ -33,8 +32,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForTokenClassification, PretrainedConfig
 
-from alectra.masking import derive_seed, mask_tokens
+from alectra.masking import mask_tokens
 from alectra.presets import ModelConfig
+from alectra.seeds import Stream, derive_seed
 from alectra.storage.atomic import write_dir_atomically
 from alectra.storage.manifest import MODEL_SPECIAL_TOKENS
 from kernels.rtd_loss import rtd_loss
@@ -257,7 +257,7 @@ class ElectraPretrainingModel(nn.Module):
         masked = mask_tokens(
             input_ids,
             attention_mask,
-            seed=derive_seed(seed, 0),
+            seed=derive_seed(seed, Stream.MASKING),
             special_token_ids=self.special_token_ids,
             mask_prob=self.config.mask_prob,
             mask_token_prob=self.config.mask_token_prob,
@@ -276,7 +276,7 @@ class ElectraPretrainingModel(nn.Module):
         gen_loss, _, gen_correct = self._sampler(input_ids.device)(
             gen_logits,
             targets,
-            seed=derive_seed(seed, 1),
+            seed=derive_seed(seed, Stream.SAMPLING),
             temperature=self.config.temperature,
             positions=positions,
             disc_input_ids=disc_input_ids,
@@ -370,8 +370,3 @@ class ElectraPretrainingModel(nn.Module):
                     shutil.copy2(f, tmp / Path(f).name)
 
             write_dir_atomically(out_dir / name, write)
-
-
-def config_to_dict(config: ModelConfig) -> dict:
-    """JSON-ready dict of a ModelConfig (inverse: ModelConfig(**d))."""
-    return dataclasses.asdict(config)

@@ -316,7 +316,7 @@ def test_tokenizer_mismatch_is_a_clear_error(demo, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from alectra.config import ConfigError, load_config
-    from alectra.training.build import load_and_check_tokenizer
+    from alectra.training.data import open_run_data
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -336,11 +336,11 @@ def test_tokenizer_mismatch_is_a_clear_error(demo, tmp_path):
 
     cfg = load_config(None, ["--data.paths", f"[{demo}]", "--data.tokenizer", str(other)])
     with pytest.raises(ConfigError, match="vocab sha256") as err:
-        load_and_check_tokenizer(cfg, [str(demo)])
+        open_run_data(cfg, [str(demo)])
     assert "\n" not in str(err.value)
     matching = load_config(None, ["--data.paths", f"[{demo}]"])  # the manifest's own tokenizer passes
-    tokenizer, manifest = load_and_check_tokenizer(matching, [str(demo)])
-    assert len(tokenizer.get_vocab()) == manifest["tokenizer"]["vocab_size"]
+    data = open_run_data(matching, [str(demo)])
+    assert len(data.tokenizer.get_vocab()) == data.vocab_size
 
 
 def test_nonfinite_losses_are_skipped_then_stop_with_last_good_checkpoint(demo, tmp_path):

@@ -20,9 +20,9 @@ from transformers import (
 )
 
 from alectra.export import export_checkpoint, main, write_model_metadata
-from alectra.masking import step_seed
 from alectra.model import ElectraPretrainingModel
 from alectra.presets import get_preset
+from alectra.seeds import step_seed
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
