@@ -17,6 +17,7 @@ from alectra.training.optim import electra_lr_lambda, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = Hardware(accelerator="cpu", bf16_supported=False)
+ZERO2 = ROOT / "ds_configs" / "zero2.json"
 
 
 def test_demo_yaml_is_the_builtin_default():
@@ -119,7 +120,13 @@ def test_auto_values_are_filled_from_the_run_config(caplog):
     ) == (64, 8, 2)
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
-    assert "bf16 disabled: no GPU" in caplog.text
+    assert "disabled" not in caplog.text  # precision "auto": fp32 is what a CPU means, nothing to warn about
+    asked = load_config(None, ["--train.precision", "bf16"])
+    with caplog.at_level(logging.WARNING):
+        explicit = resolve_ds_config(
+            load_ds_json(ZERO2), asked, Hardware(accelerator="cpu", bf16_supported=True), 1
+        )
+    assert explicit.precision == "fp32" and "bf16 disabled: no GPU" in caplog.text
     assert ds["csv_monitor"] == {"enabled": True, "output_path": "/tmp/x/logs", "job_name": "train"}
     assert "auto" not in json.dumps(ds)
     assert (plan.zero_stage, plan.precision, plan.offload_optimizer, plan.accelerator) == (
@@ -246,9 +253,6 @@ def test_lamb_skips_nonfinite_and_moves_finite():
     assert torch.allclose(w.detach(), torch.full((4,), 0.9), atol=1e-5)
 
 
-ZERO2 = ROOT / "ds_configs" / "zero2.json"
-
-
 @pytest.mark.parametrize(
     ("overrides", "dp", "expected"),  # expected: (global, micro, grad-accum)
     [
@@ -362,3 +366,36 @@ def test_pretrain_help_lists_every_field_with_its_default(capsys):
     assert "--train.lr FLOAT Peak learning rate" in text and "(default: 0.001)" in text
     assert "--train.micro_batch_size INT|null" in text and "(default: null)" in text
     assert "docs/training.md" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--data.paths", "/no/such/dataset"], {}, "error: /no/such/dataset/manifest.json: no manifest"),
+        (["--deepspeed", "{bad}"], {}, "error: DeepSpeed JSON has an 'optimizer' block; remove it"),
+        (
+            ["--train.global_batch_size", "16"],
+            {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"},
+            "error: train.global_batch_size=16 cannot be split over 3 data-parallel ranks",
+        ),
+    ],
+    ids=["data-paths", "ds-json", "world-size"],
+)
+def test_pretrain_reports_bad_input_before_deepspeed_starts(tmp_path, args, env, message):
+    """A bad dataset path, DeepSpeed JSON or batch split for the launcher's world size: exit 2 with one line,
+    and DeepSpeed was never imported (python -X importtime lists every module the process imported)."""
+    import os
+    import subprocess
+    import sys
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text(json.dumps({**load_ds_json(ZERO2), "optimizer": {"type": "Adam"}}))
+    args = [str(bad_json) if a == "{bad}" else a for a in args]
+    cmd = [sys.executable, "-X", "importtime", str(ROOT / "alectra" / "pretrain.py"), *args]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, **env}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert "deepspeed" not in imported

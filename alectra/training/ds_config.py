@@ -109,6 +109,8 @@ def _precision(cfg: RunConfig, ds: dict, hw: Hardware) -> str:
         raise ConfigError(
             f"DeepSpeed JSON enables {explicit[0]} but train.precision={wanted!r}; make them agree"
         )
+    if wanted == AUTO and not explicit and hw.accelerator == "cpu":
+        return "fp32"  # "auto" = half precision where the accelerator computes in it: not a CPU
     if wanted == AUTO:
         wanted = explicit[0] if explicit else ("bf16" if hw.bf16_supported else "fp32")
     if wanted in ("bf16", "fp16") and hw.accelerator == "cpu":
