@@ -46,7 +46,6 @@ _PORT_SPAN = 10000
 _DEFAULT_PORT = 29500  # torch.distributed / DeepSpeed default: RANK/WORLD_SIZE/MASTER_ADDR given, no port
 
 LAUNCHERS = ("torchrun", "deepspeed", "env", "mpi", "slurm", "single")
-_REQUIRED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
