@@ -126,7 +126,8 @@ class TrainSection:
     null = 16 (the CPU demo), rounded up to a multiple of micro_batch_size x data-parallel size."""
     micro_batch_size: int | None = None
     """Sequences per forward pass per rank; null = global_batch_size / data-parallel size (no accumulation).
-    Gradient accumulation = global / (micro x data-parallel size)."""
+    Gradient accumulation = global / (micro x data-parallel size). Runs at different world sizes give the same
+    losses only with the same micro_batch_size: masking and dropout seeds follow the micro-batch slots."""
     optimizer: str = "adamw"
     """"adamw" (torch's fused AdamW on GPU and CPU, DeepSpeedCPUAdam with CPU offload) or "lamb"
     (per-tensor trust ratios, so only with ZeRO stage 0: ZeRO partitions flatten the tensors)."""

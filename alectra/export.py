@@ -76,10 +76,10 @@ def write_model_metadata(
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export a DeepSpeed checkpoint (run dir, checkpoints dir with `latest`, or a tag dir) to HF folders."""
-    from alectra.model import ElectraPretrainingModel
-
     checkpoints_dir, tag = _resolve_checkpoint(Path(checkpoint_path))
     metadata = _read_metadata(checkpoints_dir)
+    from alectra.model import ElectraPretrainingModel  # after the cheap checks: a bad path answers at once
+
     model = ElectraPretrainingModel(
         ModelConfig(**metadata["model_config"]),
         vocab_size=metadata["vocab_size"],

@@ -70,8 +70,9 @@ def check(
     except ValueError as exc:  # a launcher environment that does not add up
         raise ConfigError(str(exc)) from None
     cfg = cfg.at_world_size(world_size)
-    plan = resolve_ds_config(load_ds_json(deepspeed), cfg, detect_hardware(), world_size)
+    ds_json = load_ds_json(deepspeed)
     data = open_run_data(cfg, cfg.data.paths) if cfg.data.paths else None
+    plan = resolve_ds_config(ds_json, cfg, detect_hardware(), world_size)  # the first to import torch
     return cfg, plan, data
 
 
@@ -81,11 +82,15 @@ def demo_data(cfg: RunConfig) -> RunData:
     from alectra.training.data import open_run_data
     from data_prep import prepare_demo
 
-    if not (Path(cfg.data.demo_dir) / "manifest.json").is_file():
-        log.info("building the demo dataset in %s (once; later runs reuse it)", cfg.data.demo_dir)
-    kwargs = {"vocab_size": cfg.data.demo_vocab_size, "max_documents": cfg.data.demo_max_documents}
+    def build_demo() -> None:
+        if not (Path(cfg.data.demo_dir) / "manifest.json").is_file():
+            log.info("building the demo dataset in %s (once; later runs reuse it)", cfg.data.demo_dir)
+        prepare_demo(
+            cfg.data.demo_dir, vocab_size=cfg.data.demo_vocab_size, max_documents=cfg.data.demo_max_documents
+        )
+
     try:
-        run_on_rank0(prepare_demo, cfg.data.demo_dir, **kwargs)
+        run_on_rank0(build_demo)
     except OSError as exc:  # a folder that cannot be written, a full disk: the user's to fix
         raise ConfigError(
             f"data.demo_dir: cannot build the demo dataset in {cfg.data.demo_dir}: {exc}"
