@@ -77,7 +77,7 @@ def step_seed(base_seed: int, step: int, slot: int) -> int:
 
 def derive_seed(seed: int | torch.Tensor, stream: Stream) -> int | torch.Tensor:
     """The 63-bit seed of `stream` of `seed`; for an int64 tensor, the same value as a tensor on its device
-    (integer add and multiply wrap modulo 2**64 on every torch backend)."""
+    (int64 add and multiply wrap modulo 2**64; tests/test_seeds.py checks it on CPU against the int path)."""
     key = _splitmix64(int(stream))
     if isinstance(seed, int):
         return _splitmix64((seed & _MASK64) ^ key) >> 1
