@@ -37,14 +37,17 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from alectra.model import ElectraPretrainingModel
 from alectra.presets import ModelConfig
 from alectra.storage.atomic import write_dir_atomically, write_text_atomic
+from alectra.training import ds_env
+
+if TYPE_CHECKING:  # imported where used, so that `--help` and a bad path answer at once
+    import torch
+    from torch import nn
+
+    from alectra.model import ElectraPretrainingModel
 
 METADATA_NAME = "alectra_model.json"
 # 2: ModelConfig gained discriminator_head and embedding_tying (round 1's 1-logit linear head is gone).
@@ -101,34 +104,39 @@ def export_checkpoint(
     metadata = _read_metadata(checkpoints_dir)
     glue = _read_glue_results(glue_results) if glue_results is not None else None
     model_config = ModelConfig(**metadata["model_config"])
+    from alectra.model import ElectraPretrainingModel  # after the cheap checks: a bad path answers at once
+
     model = ElectraPretrainingModel(
         model_config, vocab_size=metadata["vocab_size"], special_token_ids=metadata["special_token_ids"]
     )
-    _load_weights(model, _read_fp32_state_dict(checkpoints_dir, tag), source=checkpoints_dir / tag)
     tokenizer_dir = checkpoints_dir / TOKENIZER_SUBDIR
     files = [p for p in sorted(tokenizer_dir.iterdir()) if p.is_file()] if tokenizer_dir.is_dir() else []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    card = model_card(
-        model,
-        run=_read_run_record(checkpoints_dir / tag),
-        tokenizer_class=_tokenizer_class(files),
-        glue=glue,
-        name=out_dir.name,
-    )
-    _write_hf_folder(out_dir / "discriminator", encoder_for_fine_tuning(model), files, card=card)
-    rtd = rtd_discriminator(model)
-    if rtd is not None:
-        _write_hf_folder(out_dir / "rtd", rtd, files)
-    elif (out_dir / "rtd").is_dir():
-        shutil.rmtree(out_dir / "rtd")  # an older export's, of another model
-    _write_hf_folder(out_dir / "generator", _fp32_copy(model.generator), files)
+    with ds_env.quiet_output():  # DeepSpeed's consolidation and HF's save print progress bars
+        _load_weights(model, _read_fp32_state_dict(checkpoints_dir, tag), source=checkpoints_dir / tag)
+        card = model_card(
+            model,
+            run=_read_run_record(checkpoints_dir / tag),
+            tokenizer_class=_tokenizer_class(files),
+            glue=glue,
+            name=out_dir.name,
+        )
+        _write_hf_folder(out_dir / "discriminator", encoder_for_fine_tuning(model), files, card=card)
+        rtd = rtd_discriminator(model)
+        if rtd is not None:
+            _write_hf_folder(out_dir / "rtd", rtd, files)
+        elif (out_dir / "rtd").is_dir():
+            shutil.rmtree(out_dir / "rtd")  # an older export's, of another model
+        _write_hf_folder(out_dir / "generator", _fp32_copy(model.generator), files)
     return out_dir
 
 
 def _fp32_copy(network: nn.Module) -> nn.Module:
     # deepcopy of one network copies a shared embedding module into a private one; the generator keeps its
     # output layer tied to its (copied) word embeddings, which HF re-ties on load.
+    import torch
+
     return copy.deepcopy(network).to(torch.float32).cpu()
 
 
@@ -168,6 +176,8 @@ def _read_run_record(tag_dir: Path) -> dict[str, Any]:
     model_states = sorted(tag_dir.glob("*model_states.pt"))
     if not model_states:
         return {}
+    import torch
+
     state = torch.load(model_states[0], map_location="cpu", weights_only=False)
     return {k: state[k] for k in ("config", "train_state") if k in state}
 
@@ -343,9 +353,12 @@ def _read_metadata(checkpoints_dir: Path) -> dict:
 
 
 def _read_fp32_state_dict(checkpoints_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    import torch
+
     tag_dir = checkpoints_dir / tag
     # ZeRO writes [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt; stage 0 writes only model states.
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        ds_env.prepare()  # before DeepSpeed's import: its accelerator choice without the warning
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # ZeRO-1/2/3: the fp32 master weights live in the optimizer shards; DeepSpeed's own consolidation.

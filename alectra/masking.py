@@ -7,8 +7,7 @@ replacement: the generator does the replacing). The reference draws positions wi
 (`tf.random.categorical`) and so sometimes masks fewer; we draw without replacement (random keys + top-k), so
 the count is exact, capped only by the number of candidates.
 
-Everything is a pure function of an int seed; the trainer derives it with
-`step_seed(base_seed, step, dp_rank)`.
+Everything is a pure function of an int seed: the model's `derive_seed(seed, Stream.MASKING)` (alectra.seeds).
 """
 
 from __future__ import annotations
@@ -17,32 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """One round of SplitMix64 (Steele et al., 2014): a bijective 64-bit mixer with full avalanche."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def step_seed(base_seed: int, step: int, dp_rank: int) -> int:
-    """A 63-bit seed for (base_seed, step, data-parallel rank); neighbouring inputs give unrelated seeds.
-
-    Chained SplitMix64 rather than e.g. base + step * world + rank, so that runs with different base seeds
-    never share per-step streams. 63 bits: fits int64 and `torch.Generator.manual_seed`.
-    """
-    x = _splitmix64(base_seed & _MASK64)
-    x = _splitmix64(x ^ (step & _MASK64))
-    x = _splitmix64(x ^ (dp_rank & _MASK64))
-    return x >> 1
-
-
-def derive_seed(seed: int, stream: int) -> int:
-    """An independent 63-bit seed for sub-stream `stream` of `seed` (masking = 0, sampling = 1)."""
-    return _splitmix64((seed & _MASK64) ^ _splitmix64(stream)) >> 1
+from alectra.storage.manifest import MODEL_SPECIAL_TOKENS
 
 
 @dataclass(kw_only=True)
@@ -63,14 +37,14 @@ def mask_tokens(
     special_token_ids: dict[str, int],
     mask_prob: float = 0.15,
     mask_token_prob: float = 0.85,
-    max_predictions: int | None = None,
+    max_predictions: int,
 ) -> MaskedBatch:
     """Choose and apply the masked positions of a batch; deterministic in `seed`, on the input's device.
 
-    input_ids, attention_mask: (B, T). special_token_ids needs "cls", "sep", "pad", "mask".
-    max_predictions defaults to the reference's int((mask_prob + 0.005) * T).
+    input_ids, attention_mask: (B, T). special_token_ids needs MODEL_SPECIAL_TOKENS ("cls", "sep", "pad",
+    "mask"). max_predictions: `ModelConfig.max_predictions_for(T)`.
     """
-    missing = {"cls", "sep", "pad", "mask"} - set(special_token_ids)
+    missing = set(MODEL_SPECIAL_TOKENS) - set(special_token_ids)
     if missing:
         raise ValueError(f"special_token_ids lacks {sorted(missing)}; pass the tokenizer's ids for them")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -78,15 +52,13 @@ def mask_tokens(
             f"input_ids {tuple(input_ids.shape)} and attention_mask must both be (batch, seq_len)"
         )
     B, T = input_ids.shape
-    if max_predictions is None:
-        max_predictions = max(1, int((mask_prob + 0.005) * T))
     max_predictions = min(max_predictions, T)
     device = input_ids.device
     generator = torch.Generator(device=device).manual_seed(seed)
 
     real = attention_mask.bool()  # (B, T)
     special = torch.tensor(
-        [special_token_ids[k] for k in ("cls", "sep", "pad", "mask")], device=device, dtype=input_ids.dtype
+        [special_token_ids[k] for k in MODEL_SPECIAL_TOKENS], device=device, dtype=input_ids.dtype
     )
     candidates = real & ~torch.isin(input_ids, special)  # (B, T)
 

@@ -26,7 +26,6 @@ Shape legend: B batch, T sequence length, M masked positions in the batch, V voc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -44,8 +43,9 @@ from transformers import (
 )
 from transformers.models.electra.modeling_electra import ElectraDiscriminatorPredictions
 
-from alectra.masking import derive_seed, mask_tokens
+from alectra.masking import mask_tokens
 from alectra.presets import ModelConfig
+from alectra.seeds import Stream, derive_seed
 from alectra.storage.manifest import MODEL_SPECIAL_TOKENS
 from kernels.rtd_loss import rtd_loss
 from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
@@ -329,7 +329,7 @@ class ElectraPretrainingModel(nn.Module):
         masked = mask_tokens(
             input_ids,
             attention_mask,
-            seed=derive_seed(seed, 0),
+            seed=derive_seed(seed, Stream.MASKING),
             special_token_ids=self.special_token_ids,
             mask_prob=self.config.mask_prob,
             mask_token_prob=self.config.mask_token_prob,
@@ -348,7 +348,7 @@ class ElectraPretrainingModel(nn.Module):
         gen_loss, _, gen_correct = self._sampler(input_ids.device)(
             gen_logits,
             targets,
-            seed=derive_seed(seed, 1),
+            seed=derive_seed(seed, Stream.SAMPLING),
             temperature=self.config.temperature,
             positions=positions,
             disc_input_ids=disc_input_ids,
@@ -431,7 +431,3 @@ class ElectraPretrainingModel(nn.Module):
             total += 2 * dense + 4 * L * seq_len * H
         return 3.0 * total
 
-
-def config_to_dict(config: ModelConfig) -> dict:
-    """JSON-ready dict of a ModelConfig (inverse: ModelConfig(**d))."""
-    return dataclasses.asdict(config)

@@ -249,19 +249,14 @@ def create_optimizer(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
-    offload: bool = False,
 ) -> torch.optim.Optimizer:
-    """The pretraining optimizer over `parameter_groups(model, weight_decay)`: "adamw" (torch's fused kernel;
-    DeepSpeedCPUAdam when ZeRO offloads the optimizer) or "lamb"."""
+    """The pretraining optimizer over `parameter_groups(model, weight_decay)`: "adamw" (torch's fused kernel)
+    or "lamb". (With ZeRO-Offload, alectra.training.optim swaps in DeepSpeedCPUAdam over the same groups.)"""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
     groups = parameter_groups(model, weight_decay)
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     # Fused on CPU too (torch >= 2.4): one pass over memory per step instead of one per Adam operation. ZeRO
     # hands the optimizer one flat fp32 buffer per group (45 MB for electra-small), which the unfused loop
     # streams ~6 times: 62 ms vs 14 ms fused per step on this project's CPU (benchmarks/RESULTS.md, engine).

@@ -37,9 +37,9 @@ from transformers.utils import logging as hf_logging
 
 from alectra.config import RunConfig, config_to_dict
 from alectra.export import export_checkpoint, main, write_model_metadata
-from alectra.masking import step_seed
 from alectra.model import ElectraPretrainingModel, rtd_logits
 from alectra.presets import get_preset
+from alectra.seeds import step_seed
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",

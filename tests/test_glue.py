@@ -32,6 +32,7 @@ from alectra.glue.tasks import (
     read_glue_tsv,
 )
 from alectra.optim import AdamWeightDecay, electra_multiplier
+from tests import waiting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -479,7 +480,7 @@ def test_command_errors_are_one_line(tiny_models, glue_dir, tmp_path, capsys):
         ],  # fmt: skip
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=waiting.deadline(120),
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "alectra-glue: error: --model"

@@ -18,9 +18,9 @@ def alectra_run(tmp_path_factory, single_process_group):
     from transformers import BertTokenizerFast
 
     from alectra.export import write_model_metadata
-    from alectra.masking import step_seed
     from alectra.model import ElectraPretrainingModel
     from alectra.presets import get_preset
+    from alectra.seeds import step_seed
 
     root = tmp_path_factory.mktemp("run")
     tokenizer = BertTokenizerFast(vocab=_train_vocab(), do_lower_case=True)

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AlbertConfig, BertConfig, ElectraConfig
 
-from alectra.masking import derive_seed, mask_tokens
+from alectra.masking import mask_tokens
 from alectra.model import ElectraPretrainingModel, finalize_metrics
 from alectra.presets import ModelConfig, get_preset
+from alectra.seeds import Stream, derive_seed
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 VOCAB = 1000
@@ -123,7 +124,7 @@ def test_masked_only_projection_equals_full_projection():
     masked = mask_tokens(
         ids,
         attention_mask,
-        seed=derive_seed(seed, 0),
+        seed=derive_seed(seed, Stream.MASKING),
         special_token_ids=SPECIALS,
         max_predictions=model.config.max_predictions_for(ids.shape[1]),
     )

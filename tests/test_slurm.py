@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from alectra.distributed import expand_nodelist
+from tests import waiting
 from tests.slurm.cluster import SlurmCluster, slurm_available
 
 pytestmark = [
@@ -66,7 +67,7 @@ def _sbatch(cluster, log: Path, args: list[str], script="slurm/pretrain.sh", **e
 def _wait(cluster, job_id: str, timeout: float = 200) -> tuple[str, int]:
     """(final state, exit code) once the job has ended for good; a requeued job goes on. Polls every
     0.25 s: `sbatch --wait` polls with growing sleeps and added up to 30 s per job here."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + waiting.deadline(timeout)
     while time.monotonic() < deadline:
         state = _job_field(cluster, job_id, "JobState")
         if state in (
@@ -80,7 +81,7 @@ def _wait(cluster, job_id: str, timeout: float = 200) -> tuple[str, int]:
         ):
             return state, int(_job_field(cluster, job_id, "ExitCode").split(":")[0])
         time.sleep(0.25)
-    raise AssertionError(f"job {job_id} still {state} after {timeout} s")
+    raise AssertionError(f"job {job_id} still {state} after {waiting.deadline(timeout):.0f} s")
 
 
 def _job_field(cluster, job_id: str, name: str) -> str:
@@ -117,7 +118,7 @@ def pretrain_runs(cluster, demo_data, tmp_path_factory):
         OMPI_ALLOW_RUN_AS_ROOT="1",  # the test cluster runs jobs as root
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
     )
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + waiting.deadline(150)
     # the console line is "train step 3/40: ..."
     while time.monotonic() < deadline and not re.search(r"^train step 3\b", _read(tmp / "pre.out"), re.M):
         time.sleep(0.2)

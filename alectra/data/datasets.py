@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alectra.data import rules
 from alectra.data.examples import ExampleBuilder, LinePairBuilder, load_or_build_plan
 from alectra.storage.integrity import open_shards
 from alectra.storage.manifest import load_manifest
@@ -175,12 +176,8 @@ def build_pretraining_datasets(
     """
     if not data_paths:
         raise ValueError("data_paths is empty; pass at least one dataset folder built by data_prep")
-    if weights is not None and (
-        len(weights) != len(data_paths) or any(w < 0 for w in weights) or sum(weights) <= 0
-    ):
-        raise ValueError(f"weights {weights}: need one non-negative weight per data path, not all zero")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction={valid_fraction}: must be in [0, 1)")
+    rules.check_weights(weights, len(data_paths))
+    rules.check_valid_fraction(valid_fraction)
     if num_train_samples is not None and num_train_samples < 1:
         raise ValueError(f"num_train_samples={num_train_samples}: must be positive or None")
     kw = dict(max_seq_length=max_seq_length, seed=seed, valid_fraction=valid_fraction, examples=examples)

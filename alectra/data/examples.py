@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from alectra.data import rules
 from alectra.storage.atomic import replace_durably, temporary_path
 from alectra.storage.indexed import IndexedDataset
 
@@ -179,8 +180,7 @@ class ExampleBuilder:
         special_tokens: dict[str, int],
         strip_special_tokens: bool = False,
     ) -> None:
-        if max_seq_length < 8:
-            raise ValueError(f"max_seq_length={max_seq_length}: must be at least 8")
+        rules.check_max_seq_length(max_seq_length)
         self.shards = shards
         self.max_len = max_seq_length
         self.cls, self.sep, self.pad = special_tokens["cls"], special_tokens["sep"], special_tokens["pad"]

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import pathlib
 import sys
@@ -102,8 +101,7 @@ def resolve_model_dir(model: pathlib.Path, scratch: pathlib.Path) -> pathlib.Pat
     from alectra.export import export_checkpoint
 
     print(f"[glue] exporting checkpoint {model} to {scratch}", file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's checkpoint reader prints progress to stdout
-        export_checkpoint(model, scratch)
+    export_checkpoint(model, scratch)
     if not (scratch / "discriminator" / "config.json").is_file():
         raise ValueError(f"--model {model}: exporting it gave no discriminator/config.json")
     return scratch / "discriminator"

@@ -9,19 +9,25 @@ import torch
 from torch import nn
 
 from alectra.config import TrainSection
-from alectra.optim import create_optimizer, lr_multiplier
+from alectra.optim import create_optimizer, lr_multiplier, parameter_groups
 
 
 def build_optimizer(model: nn.Module, train: TrainSection, *, offload: bool) -> torch.optim.Optimizer:
-    """`train.optimizer` over the model's decay / no-decay groups (see alectra.optim.create_optimizer)."""
+    """`train.optimizer` over the model's decay / no-decay groups (see alectra.optim.create_optimizer);
+    DeepSpeedCPUAdam over the same groups when ZeRO offloads the optimizer to the CPU."""
+    betas = (train.adam_beta1, train.adam_beta2)
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        groups = parameter_groups(model, train.weight_decay)
+        return DeepSpeedCPUAdam(groups, lr=train.lr, betas=betas, eps=train.adam_eps, adamw_mode=True)
     return create_optimizer(
         model,
         name=train.optimizer,
         lr=train.lr,
-        betas=(train.adam_beta1, train.adam_beta2),
+        betas=betas,
         eps=train.adam_eps,
         weight_decay=train.weight_decay,
-        offload=offload,
     )
 
 

@@ -22,14 +22,13 @@ import torch
 import torch.distributed
 
 from alectra.config import RunConfig, config_to_dict
-from alectra.masking import derive_seed, step_seed
+from alectra.seeds import Stream, derive_seed, step_seed
 from alectra.training.checkpoint import Checkpointer
+from alectra.training.ds_config import DeepSpeedPlan
 from alectra.training.metrics import MetricsReporter, MetricSums
 from alectra.training.signals import EXIT_OK, EXIT_REQUEUE, StopRequest, ignore_stop_signals
 
 log = logging.getLogger(__name__)
-
-DROPOUT_STREAM = 2  # derive_seed streams 0 and 1 are the model's masking and sampling
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,7 +81,7 @@ class Trainer:
         state: TrainState,
         checkpointer: Checkpointer,
         reporter: MetricsReporter,
-        grad_accum: int,
+        plan: DeepSpeedPlan,
         export: Any,
         last_checkpoint: Path | None,
     ) -> None:
@@ -95,10 +94,10 @@ class Trainer:
         self.state = state
         self.checkpointer = checkpointer
         self.reporter = reporter
-        self.grad_accum = grad_accum
+        self.grad_accum = plan.batch.grad_accum
         self.export = export
         self.rank = torch.distributed.get_rank()
-        self.dp_size = torch.distributed.get_world_size()
+        self.dp_size = plan.batch.dp_size
         self.stop = StopRequest()
         self.sums = MetricSums(engine.device)
         self._last_saved = last_checkpoint
@@ -123,7 +122,7 @@ class Trainer:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: dict[str, torch.Tensor], seed: int):
-        torch.manual_seed(derive_seed(seed, DROPOUT_STREAM))  # dropout follows the samples, not the rank
+        torch.manual_seed(derive_seed(seed, Stream.DROPOUT))  # dropout follows the samples, not the rank
         return self.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seed)
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ class Trainer:
         self.engine.eval()
         with torch.no_grad():
             for i, batch in enumerate(itertools.islice(loader, n)):
-                seed = step_seed(derive_seed(self.cfg.train.seed, 3), i, self.rank)
+                seed = step_seed(derive_seed(self.cfg.train.seed, Stream.EVAL), i, self.rank)
                 sums.add(self._forward(self._to_device(batch), seed))
         self.engine.train()
         return self.reporter.report(self.state.step, sums.reduce(), prefix="eval")
