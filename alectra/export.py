@@ -29,6 +29,7 @@ import torch
 from alectra.model import ElectraPretrainingModel
 from alectra.presets import ModelConfig
 from alectra.storage.atomic import write_dir_atomically, write_text_atomic
+from alectra.training.checkpoint import verify_checkpoint
 
 METADATA_NAME = "alectra_model.json"
 METADATA_FORMAT = "alectra-model/1"
@@ -73,6 +74,7 @@ def write_model_metadata(
 def export_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Export a DeepSpeed checkpoint (run dir, checkpoints dir with `latest`, or a tag dir) to HF folders."""
     checkpoints_dir, tag = _resolve_checkpoint(Path(checkpoint_path))
+    verify_checkpoint(checkpoints_dir / tag)  # unfinished or damaged: CheckpointError (a ValueError, exit 2)
     metadata = _read_metadata(checkpoints_dir)
     model = ElectraPretrainingModel(
         ModelConfig(**metadata["model_config"]),

@@ -23,6 +23,7 @@ from alectra.export import export_checkpoint, main, write_model_metadata
 from alectra.masking import step_seed
 from alectra.model import ElectraPretrainingModel
 from alectra.presets import get_preset
+from alectra.training.checkpoint import Checkpointer
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -91,7 +92,7 @@ def test_export_round_trip(tmp_path, tokenizer_dir, single_process_group, stage,
         special_token_ids=specials,
         tokenizer_dir=tokenizer_dir,
     )
-    engine.save_checkpoint(str(ckpt_dir), tag="step_2")
+    Checkpointer(ckpt_dir, every=1, keep_last=1, zero_stage=stage).save(engine, 2, {})  # with its commit mark
     assert (
         json.loads((ckpt_dir / "alectra_model.json").read_text())["model_config"]["discriminator_arch"]
         == disc_arch
