@@ -508,3 +508,36 @@ def test_logs_forget_the_steps_a_resumed_run_redoes(tmp_path):
     new.close()
     assert tensorboard_steps(logs, "train/loss") == [1, 2, 3]
     assert tensorboard_steps(logs, "Train/Samples/lr") == [8, 16]
+
+
+def test_stopping_workers_keeps_the_first_exception_and_leaves_no_worker():
+    """The trainer's way out of a failure: the workers (which ignore SIGTERM) are gone afterwards, and
+    torch's SIGCHLD watch does not replace the exception with "DataLoader worker ... is killed by signal"
+    (seen under srun before the workers were taken off the watch by torch's own shutdown first)."""
+    import functools
+
+    import torch
+
+    from alectra.training.failstop import stop_loader_workers
+    from alectra.training.signals import init_worker
+
+    for _ in range(3):
+        loader = torch.utils.data.DataLoader(
+            range(64),
+            batch_size=2,
+            num_workers=2,
+            persistent_workers=True,
+            worker_init_fn=functools.partial(init_worker, parent_pid=os.getpid()),
+        )
+        batches = iter(loader)
+        next(batches)
+        workers = list(batches._workers)
+        os.kill(workers[0].pid, signal.SIGTERM)  # SLURM signals every process: a worker must not die of it
+        time.sleep(0.2)
+        assert workers[0].is_alive()
+        with pytest.raises(ValueError, match="the first failure"):
+            try:
+                raise ValueError("the first failure")
+            finally:
+                stop_loader_workers(batches)
+        assert not any(w.is_alive() for w in workers)

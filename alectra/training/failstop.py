@@ -173,23 +173,19 @@ def exit_process(main: Callable[[], int], user_errors: tuple[type[BaseException]
     _hard_exit(code)
 
 
-def stop_loader_workers(batches: object, *, kill: bool) -> None:
+def stop_loader_workers(batches: object) -> None:
     """Stop the worker processes of a DataLoader iterator (no-op for `num_workers=0`).
 
     torch stops them in the iterator's `__del__` (`_MultiProcessingDataLoaderIter._shutdown_workers`,
     torch/utils/data/dataloader.py: a None on each index queue, a join of up to 5 s each, then SIGTERM), but a
     failing trainer's frames keep the iterator alive until the process exits, and our workers ignore SIGTERM.
-    So the trainer calls this on every exit path: `kill=True` (a failure) sends SIGKILL first (the workers
-    only read the dataset; nothing of theirs needs saving), `kill=False` lets them finish."""
-    workers = list(getattr(batches, "_workers", ()))
-    if kill:
-        for worker in workers:
-            if worker.is_alive():
-                os.kill(worker.pid, signal.SIGKILL)
+    So the trainer calls this on every exit path: torch's shutdown first (it also takes the workers off its
+    SIGCHLD watch, which would otherwise turn a killed worker into a new exception hiding the first), then
+    SIGKILL for any worker still alive."""
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
-    for worker in workers:
-        if worker.is_alive():  # it outlived torch's join and SIGTERM
+    for worker in getattr(batches, "_workers", ()):
+        if worker.is_alive():
             os.kill(worker.pid, signal.SIGKILL)
         worker.join()

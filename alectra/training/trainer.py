@@ -215,9 +215,9 @@ class Trainer:
     def train(self) -> int:
         """Train to `train.steps`; returns EXIT_OK, or EXIT_REQUEUE after a stop signal's checkpoint.
 
-        Fail-stop (alectra.training.failstop): on any exception the DataLoader workers are killed before it
-        propagates, and the process is ended within failstop.EXIT_DEADLINE_S even if the rest of the way out
-        hangs; `close()` then skips the teardown that talks to the other ranks."""
+        Fail-stop (alectra.training.failstop): on every way out the DataLoader workers are stopped; on an
+        exception the process is ended within failstop.EXIT_DEADLINE_S even if the rest of the way out hangs,
+        and `close()` skips the teardown that talks to the other ranks."""
         cfg = self.cfg
         batches = iter(self._loader(self.train_dataset, self.state.consumed_samples, cfg.data.num_workers))
         try:
@@ -227,7 +227,7 @@ class Trainer:
             on_failure(exc)
             raise
         finally:
-            stop_loader_workers(batches, kill=self._failed)
+            stop_loader_workers(batches)
 
     def _train(self, batches) -> int:
         cfg = self.cfg
