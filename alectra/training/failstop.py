@@ -43,7 +43,9 @@ EXIT_DEADLINE_S = 20.0
 """Seconds a failed process may spend on its way out (closing the trainer, flushing) before it is ended."""
 
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL", "gloo")
+# gloo's messages when a peer's process is gone (transport/tcp/pair.cc) or silent past the timeout
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting")
+_BUG = " (a bug: the traceback is above)"
 
 
 class DiskFullError(OSError):
@@ -108,14 +110,14 @@ def classify(exc: BaseException, user_errors: tuple[type[BaseException], ...] = 
     trainer = sys.modules.get("alectra.training.trainer")
     if trainer is not None and isinstance(exc, trainer.NonFiniteLossError):
         return EXIT_BUG, first_line
-    return EXIT_BUG, f"{type(exc).__name__}: {first_line} (a bug: the traceback is above)"
+    return EXIT_BUG, f"{type(exc).__name__}: {first_line}{_BUG}"
 
 
 def report_failure(exc: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Print the traceback of a bug, then one line naming the cause (with the rank when there are several);
     return the exit code."""
     code, line = classify(exc, user_errors)
-    if line.endswith("(a bug: the traceback is above)"):
+    if line.endswith(_BUG):
         traceback.print_exception(exc)
     rank = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     print(f"{'' if code == EXIT_INTERRUPTED else 'error: '}{rank}{line}", file=sys.stderr, flush=True)
@@ -164,6 +166,8 @@ def exit_process(main: Callable[[], int], user_errors: tuple[type[BaseException]
     try:
         code = main()
     except SystemExit as exc:  # argparse's usage errors (2) and explicit exits keep their code
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else EXIT_BUG if exc.code else EXIT_OK
     except BaseException as exc:  # noqa: BLE001 - the one place every failure of the run becomes an exit code
         on_failure(exc)
