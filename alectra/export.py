@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from alectra.presets import ModelConfig
 from alectra.storage.atomic import write_dir_atomically, write_text_atomic
 from alectra.training import ds_env
+from alectra.training.checkpoint import verify_checkpoint
 
 if TYPE_CHECKING:  # imported where used, so that `--help` and a bad path answer at once
     import torch
@@ -101,6 +102,7 @@ def export_checkpoint(
     """Export a DeepSpeed checkpoint (run dir, checkpoints dir with `latest`, or a tag dir) to HF folders;
     `glue_results`: a `python -m alectra.glue` glue_results.json whose table goes into the model card."""
     checkpoints_dir, tag = _resolve_checkpoint(Path(checkpoint_path))
+    verify_checkpoint(checkpoints_dir / tag)  # unfinished or damaged: CheckpointError (a ValueError, exit 2)
     metadata = _read_metadata(checkpoints_dir)
     glue = _read_glue_results(glue_results) if glue_results is not None else None
     model_config = ModelConfig(**metadata["model_config"])

@@ -124,4 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from alectra.training.failstop import exit_process  # any failure: one line, an exit code, no process left
+    from data_prep.errors import DataPrepError
+
+    exit_process(main, user_errors=(DataPrepError,))

@@ -40,6 +40,7 @@ from alectra.export import export_checkpoint, main, write_model_metadata
 from alectra.model import ElectraPretrainingModel, rtd_logits
 from alectra.presets import get_preset
 from alectra.seeds import step_seed
+from alectra.training.checkpoint import Checkpointer
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -160,7 +161,8 @@ def exported(tmp_path_factory, tokenizer_dir, single_process_group):
             "config": config_to_dict(RunConfig()),
             "train_state": {"step": 2, "consumed_samples": 32, "nonfinite_steps": 0},
         }
-        engine.save_checkpoint(str(ckpt_dir), tag="step_2", client_state=client_state)
+        # through the Checkpointer: export verifies the commit mark and checksums it writes
+        Checkpointer(ckpt_dir, every=1, keep_last=1, zero_stage=stage).save(engine, 2, client_state)
         engine.destroy()
         out_dir = tmp / "export"
         export_checkpoint(tmp / "run", out_dir)
