@@ -161,11 +161,11 @@ def test_the_checker_catches_a_forbidden_arrow_and_an_unlisted_name():
     function-level import included, and a new name on an existing arrow."""
     sources = {
         "alectra/training/build.py": "def paths():\n    from data_prep import prepare_demo\n",
-        "alectra/training/data.py": "from alectra.storage.indexed import IndexFormatError\n",
+        "alectra/training/data.py": "from alectra.storage.indexed import token_dtype\n",
     }
     problems = unlisted(sources)
     assert any("| training | data_prep | prepare_demo |" in p and "unlisted arrow" in p for p in problems)
-    assert any("| training | storage | IndexFormatError |" in p and "unlisted name" in p for p in problems)
+    assert any("| training | storage | token_dtype |" in p and "unlisted name" in p for p in problems)
     assert imports("alectra/data/x.py", "from .rules import check_weights\n")[0][0] == "alectra.data.rules"
 
 
