@@ -255,6 +255,14 @@ def _pick_shared_embeddings(generator: nn.Module, discriminator: nn.Module) -> n
     return disc_emb if gen_args <= disc_args else gen_emb
 
 
+def _drop_legacy_head_alias(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the MLM head was looked up per call hold a BERT/ALBERT generator's head
+    twice: as `generator.<head>.*` and as `_mlm_head.*` (the stored head was a registered submodule). The
+    second name is the same tensors; dropping it lets those checkpoints load (resume, export) today."""
+    for key in [k for k in state_dict if k.startswith(prefix + "_mlm_head.")]:
+        del state_dict[key]
+
+
 class ElectraPretrainingModel(nn.Module):
     """Generator + discriminator with tied embeddings; forward returns the ELECTRA loss and metric counts."""
 
@@ -299,6 +307,7 @@ class ElectraPretrainingModel(nn.Module):
         self.discriminator = build_discriminator(config, disc_config)
         self._tie_embeddings()
         mlm_head(self.generator)  # an unknown head layout fails here, not at the first step
+        self.register_load_state_dict_pre_hook(_drop_legacy_head_alias)
 
     def _tie_embeddings(self) -> None:
         if self.config.embedding_tying != "shared":
