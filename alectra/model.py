@@ -230,12 +230,13 @@ def encoder_attention_mask(config: PretrainedConfig, attention_mask: torch.Tenso
     Given the 2-D mask, HF's encoders (transformers masking_utils `sdpa_mask`) first ask whether any token is
     padded, `padding_mask.all()` in `_ignore_bidirectional_mask_sdpa`: a host sync in every encoder of every
     step, and a graph break. A 4-D mask is used as it is (`_preprocess_mask_arguments`), so the model passes
-    one: for SDPA attention the padding mask as (B, 1, 1, T) bool, True = attend (broadcast over heads and
-    queries by `scaled_dot_product_attention`), one op; for another implementation HF's own mask with that
-    check switched off. `dtype`: the embeddings' (an eager-attention mask is additive in it).
+    one. For SDPA attention: additive, 0 where attended and -inf at padding, (B, 1, 1, T) in the embeddings'
+    `dtype` (broadcast over heads and queries by `scaled_dot_product_attention`), made as log(mask) in 2 ops;
+    a bool mask would be turned into exactly this inside every layer's SDPA call (`where(mask, 0, -inf)`:
+    3 ops per layer). For another implementation: HF's own mask with the host check switched off.
     """
     if config._attn_implementation == "sdpa":
-        return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        return attention_mask.to(dtype).log()[:, None, None, :]  # (B, 1, 1, T): log 1 = 0, log 0 = -inf
     B, T = attention_mask.shape
     return create_bidirectional_mask(
         config=config,
