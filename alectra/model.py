@@ -1,13 +1,18 @@
 """ElectraPretrainingModel: generator (masked LM) + discriminator (replaced-token detection) in one nn.Module.
 
 Follows google-research/electra `run_pretraining.py` (`PretrainingModel`):
-  1. mask the input (`alectra.masking`, the reference's `pretrain_helpers.mask`);
+  1. mask the input (`alectra.masking`, the reference's `pretrain_helpers.mask` or the seed's Bernoulli
+     masking) into N static slots per sequence, each with a `valid` flag;
   2. run the generator encoder on the whole masked sequence, then its MLM head and the vocabulary
-     projection only at the masked positions (the reference gathers `masked_lm_positions` before the
-     output layer; a plain HF `*ForMaskedLM` would project all B*T positions);
+     projection only at the B x N slots (the reference gathers `masked_lm_positions` before the output
+     layer, also padded to a static max_predictions_per_seq with weight 0; a plain HF `*ForMaskedLM` would
+     project all B*T positions);
   3. Gumbel-max sample replacements from the generator (no gradient), put them into the discriminator input
      and label a position "replaced" only where the sample differs from the original;
-  4. loss = generator CE (mean over masked) + disc_weight * sigmoid RTD loss (mean over real tokens).
+  4. loss = generator CE (mean over valid slots) + disc_weight * sigmoid RTD loss (mean over real tokens).
+
+The forward never waits for the device: the slot count is static, the seed is a device tensor, the metric
+counts stay on the device, so it is one graph for torch.compile (tests/test_model_compile.py).
 
 Weight tying (`ModelConfig.embedding_tying`, default "shared") is real (the reference reuses the
 "electra/embeddings" variable scope): word, position and token-type embeddings and the embedding LayerNorm
@@ -21,7 +26,7 @@ for an ELECTRA discriminator (dense + activation + dense(1), the reference's), a
 `discriminator_predictions` on top of any other encoder; "linear" is `*ForTokenClassification` with two
 labels (the seed's), whose logit difference is the RTD logit.
 
-Shape legend: B batch, T sequence length, M masked positions in the batch, V vocabulary, H hidden width.
+Shape legend: B batch, T sequence length, N masked slots per sequence, V vocabulary, H hidden width.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ from transformers import (
     ElectraForPreTraining,
     PretrainedConfig,
 )
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.electra.modeling_electra import ElectraDiscriminatorPredictions
 
-from alectra.masking import mask_tokens
+from alectra.masking import mask_tokens, seed_tensor
 from alectra.presets import ModelConfig
 from alectra.seeds import Stream, derive_seed
 from alectra.storage.manifest import MODEL_SPECIAL_TOKENS
@@ -69,7 +75,7 @@ class ElectraOutput:
     loss: torch.Tensor
     """Scalar fp32, differentiable: gen_loss + disc_weight * disc_loss."""
     gen_loss: torch.Tensor
-    """Scalar fp32, detached: generator cross-entropy, mean over masked positions."""
+    """Scalar fp32, detached: generator cross-entropy, mean over the valid masked slots."""
     disc_loss: torch.Tensor
     """Scalar fp32, detached: sigmoid RTD loss, mean over real (non-padding) tokens."""
     metrics: dict[str, torch.Tensor]
@@ -159,7 +165,7 @@ def check_compatible(generator: PretrainedConfig, discriminator: PretrainedConfi
 
 
 def mlm_head(generator: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The generator's MLM head as a function (M, H) -> (M, V), applied to gathered masked positions only."""
+    """The generator's MLM head as a function (R, H) -> (R, V), applied to the gathered masked slots only."""
     if hasattr(generator, "generator_predictions"):  # ElectraForMaskedLM
         return lambda h: generator.generator_lm_head(generator.generator_predictions(h))
     for name in ("cls", "predictions", "lm_head"):  # BERT, ALBERT, RoBERTa-style
@@ -218,6 +224,28 @@ def rtd_logits(discriminator: nn.Module, **inputs: torch.Tensor) -> torch.Tensor
     return logits[..., 1] - logits[..., 0] if logits.dim() == 3 else logits
 
 
+def encoder_attention_mask(config: PretrainedConfig, attention_mask: torch.Tensor, dtype: torch.dtype):
+    """The 4-D attention mask `config`'s encoder uses, made without reading the mask on the host.
+
+    Given the 2-D mask, HF's encoders (transformers masking_utils `sdpa_mask`) first ask whether any token is
+    padded, `padding_mask.all()` in `_ignore_bidirectional_mask_sdpa`: a host sync in every encoder of every
+    step, and a graph break. A 4-D mask is used as it is (`_preprocess_mask_arguments`), so the model passes
+    one. For SDPA attention: additive, 0 where attended and -inf at padding, (B, 1, 1, T) in the embeddings'
+    `dtype` (broadcast over heads and queries by `scaled_dot_product_attention`), made as log(mask) in 2 ops;
+    a bool mask would be turned into exactly this inside every layer's SDPA call (`where(mask, 0, -inf)`:
+    3 ops per layer). For another implementation: HF's own mask with the host check switched off.
+    """
+    if config._attn_implementation == "sdpa":
+        return attention_mask.to(dtype).log()[:, None, None, :]  # (B, 1, 1, T): log 1 = 0, log 0 = -inf
+    B, T = attention_mask.shape
+    return create_bidirectional_mask(
+        config=config,
+        inputs_embeds=attention_mask.new_empty((B, T, 0), dtype=dtype),  # read for its shape, dtype, device
+        attention_mask=attention_mask,
+        allow_is_bidirectional_skip=False,
+    )
+
+
 def _pick_shared_embeddings(generator: nn.Module, discriminator: nn.Module) -> nn.Module:
     """The embedding module both networks can call: BertModel/ElectraModel pass `cache_length` to it,
     AlbertModel does not, so a mixed pair must share the module whose forward accepts both call styles."""
@@ -226,6 +254,14 @@ def _pick_shared_embeddings(generator: nn.Module, discriminator: nn.Module) -> n
     disc_args = set(inspect.signature(disc_emb.forward).parameters)
     gen_args = set(inspect.signature(gen_emb.forward).parameters)
     return disc_emb if gen_args <= disc_args else gen_emb
+
+
+def _drop_legacy_head_alias(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the MLM head was looked up per call hold a BERT/ALBERT generator's head
+    twice: as `generator.<head>.*` and as `_mlm_head.*` (the stored head was a registered submodule). The
+    second name is the same tensors; dropping it lets those checkpoints load (resume, export) today."""
+    for key in [k for k in state_dict if k.startswith(prefix + "_mlm_head.")]:
+        del state_dict[key]
 
 
 class ElectraPretrainingModel(nn.Module):
@@ -271,7 +307,8 @@ class ElectraPretrainingModel(nn.Module):
         self.generator = AutoModelForMaskedLM.from_config(gen_config)
         self.discriminator = build_discriminator(config, disc_config)
         self._tie_embeddings()
-        self._mlm_head = mlm_head(self.generator)
+        mlm_head(self.generator)  # an unknown head layout fails here, not at the first step
+        self.register_load_state_dict_pre_hook(_drop_legacy_head_alias)
 
     def _tie_embeddings(self) -> None:
         if self.config.embedding_tying != "shared":
@@ -301,9 +338,9 @@ class ElectraPretrainingModel(nn.Module):
         """The sampling + generator-CE implementation for this device (see ModelConfig.kernels)."""
         if self.config.kernels == "auto" and device.type != "cuda":
             # The bit-exact Philox reference costs ~40 ms per masked row at V = 30522 on a CPU (6 s of a
-            # 15 s ELECTRA-Small step at batch 8); inverse-CDF sampling with torch's RNG draws the same
-            # distribution with one uniform per row.
-            return functools.partial(sample_and_cross_entropy_reference, noise="torch")
+            # 15 s ELECTRA-Small step at batch 8); inverse-CDF sampling draws the same distribution from one
+            # Philox uniform per row.
+            return functools.partial(sample_and_cross_entropy_reference, noise="inverse_cdf")
         return functools.partial(sample_and_cross_entropy, use_triton=self._use_triton(device))
 
     def _use_triton(self, device: torch.device) -> bool:
@@ -317,15 +354,23 @@ class ElectraPretrainingModel(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor,
         *,
-        seed: int,
+        seed: torch.Tensor | int,
     ) -> ElectraOutput:
-        """One ELECTRA step on int64 (B, T) inputs; masking and sampling are deterministic in `seed`."""
+        """One ELECTRA step on int64 (B, T) inputs; masking and sampling are deterministic in `seed`.
+
+        seed: int64 0-dim tensor on the inputs' device, read only by device ops, so a new value per step is
+        neither a host sync nor a recompile of a compiled forward. An int in [0, 2^63) is accepted too and
+        copied to the device (a host -> device copy per call; a compiled forward would specialise on it).
+        Nothing here reads tensor data on the host: B x N generator rows every step (N =
+        `ModelConfig.max_predictions_for(T)`), invalid slots weighted 0, metric counts left on the device.
+        """
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
-        use_triton = self._use_triton(input_ids.device)
+        device = input_ids.device
+        seed = seed_tensor(seed, device)
         masked = mask_tokens(
             input_ids,
             attention_mask,
@@ -334,22 +379,35 @@ class ElectraPretrainingModel(nn.Module):
             mask_prob=self.config.mask_prob,
             mask_token_prob=self.config.mask_token_prob,
             max_predictions=self.config.max_predictions_for(T),
+            masking=self.config.masking,
         )
 
+        dtype = self.shared_embeddings.word_embeddings.weight.dtype
+        gen_mask = encoder_attention_mask(self.generator.config, attention_mask, dtype)
+        disc_mask = (
+            gen_mask
+            if self.generator.config._attn_implementation == self.discriminator.config._attn_implementation
+            else encoder_attention_mask(self.discriminator.config, attention_mask, dtype)
+        )
         gen_hidden = self.generator.base_model(
-            input_ids=masked.input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            input_ids=masked.input_ids, attention_mask=gen_mask, token_type_ids=token_type_ids
         ).last_hidden_state  # (B, T, Hg)
-        positions = masked.masked.view(-1).nonzero().squeeze(1)  # (M,) flat indices into B*T
-        gen_logits = self._mlm_head(gen_hidden.reshape(B * T, -1).index_select(0, positions))  # (M, V)
-        targets = input_ids.reshape(-1).index_select(0, positions)  # (M,)
+        row_starts = torch.arange(0, B * T, T, device=device).unsqueeze(1)  # (B, 1)
+        positions = (masked.positions + row_starts).view(-1)  # (B*N,) flat indices into B*T
+        valid = masked.valid.view(-1)  # (B*N,)
+        # Looked up on every call, not stored: a stored closure would keep pointing at the original generator
+        # in a copy.deepcopy of the model.
+        head = mlm_head(self.generator)
+        gen_logits = head(gen_hidden.reshape(B * T, -1).index_select(0, positions))  # (B*N, V)
 
         disc_input_ids = input_ids.reshape(-1).clone()  # (B*T,) samples scattered in below
-        replaced = torch.zeros(B * T, dtype=torch.int64, device=input_ids.device)  # (B*T,)
-        gen_loss, _, gen_correct = self._sampler(input_ids.device)(
+        replaced = torch.zeros(B * T, dtype=torch.int64, device=device)  # (B*T,)
+        gen_loss, _, gen_correct = self._sampler(device)(
             gen_logits,
-            targets,
+            masked.targets.view(-1),
             seed=derive_seed(seed, Stream.SAMPLING),
             temperature=self.config.temperature,
+            valid=valid,
             positions=positions,
             disc_input_ids=disc_input_ids,
             replaced_labels=replaced,
@@ -358,16 +416,19 @@ class ElectraPretrainingModel(nn.Module):
         disc_logits = rtd_logits(
             self.discriminator,
             input_ids=disc_input_ids.view(B, T),
-            attention_mask=attention_mask,
+            attention_mask=disc_mask,
             token_type_ids=token_type_ids,
         )  # (B, T)
         disc_loss, counts = rtd_loss(
-            disc_logits.reshape(-1), replaced, attention_mask.reshape(-1).bool(), use_triton=use_triton
+            disc_logits.reshape(-1),
+            replaced,
+            attention_mask.reshape(-1).bool(),
+            use_triton=self._use_triton(device),
         )
         tp, fp, fn, tn = counts.unbind()
         metrics = {
-            "gen_correct": torch.as_tensor(gen_correct, device=counts.device).to(torch.int64).detach(),
-            "gen_total": torch.tensor(positions.numel(), dtype=torch.int64, device=counts.device),
+            "gen_correct": gen_correct,
+            "gen_total": valid.sum(dtype=torch.int64),
             "disc_correct": tp + tn,
             "disc_total": counts.sum(),
             "replaced_tp": tp,
@@ -430,4 +491,3 @@ class ElectraPretrainingModel(nn.Module):
             dense = L * (4 * H * H + 2 * H * F) + (E * H if E != H else 0) + head(c)
             total += 2 * dense + 4 * L * seq_len * H
         return 3.0 * total
-

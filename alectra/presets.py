@@ -6,7 +6,8 @@ width, FFN and heads by `generator_hidden_size` (1/4 for Small and Large, 1/3 fo
 ELECTRA-Small with an ALBERT discriminator whose 12 layers share one parameter group (Google's recipe);
 `alectra-small-owt` is the model of the seed's script (shoarora/lmtuners
 `experiments/disc_lm_small/train_alectra_small.py` at 86f31ba), which trained the ALECTRA-Small-OWT card's
-model: an ALBERT generator of 3 layers x 256, copy-initialised embeddings, a linear RTD head, gelu_new.
+model: an ALBERT generator of 3 layers x 256, copy-initialised embeddings, a linear RTD head, gelu_new, and
+the seed's masking (Bernoulli(0.15) per token, every masked token [MASK]).
 
 Override fields with `dataclasses.replace(get_preset("electra-small"), mask_prob=0.2)`.
 """
@@ -14,11 +15,16 @@ Override fields with `dataclasses.replace(get_preset("electra-small"), mask_prob
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 HEAD_CHOICES = ("electra", "linear")
 TYING_CHOICES = ("shared", "untied", "copied")
+MASKING_CHOICES = ("electra", "bernoulli")
+TRUNCATION_PROBABILITY = 1e-6
+"""Bernoulli masking: the capacity N is the smallest with P(more than N masked) <= this, per sequence."""
 
 
 @dataclass(kw_only=True)
@@ -71,12 +77,18 @@ class ModelConfig:
     """Dropout on attention probabilities (reference: 0.1)."""
     initializer_range: float = 0.02
     """Std of the truncated-normal initialiser (reference: 0.02)."""
+    masking: str = "electra"
+    """Which positions are masked (alectra.masking). "electra": google-research/electra's exact count per
+    sequence, max(1, min(N, round(mask_prob * real tokens))), uniform among the candidates. "bernoulli": the
+    seed's (lmtuners `masked_lm.py`), every candidate independently with probability mask_prob, no minimum,
+    at most N kept (the seed's recipe also sets mask_token_prob = 1: every masked token becomes [MASK])."""
     mask_prob: float = 0.15
     """Fraction of real tokens masked per sequence (reference `mask_prob`: 0.15; 0.25 for Large)."""
     mask_token_prob: float = 0.85
     """Of the masked positions, the fraction replaced by [MASK]; the rest keep the original token."""
     max_predictions: int | None = None
-    """Masked positions per sequence at most; None = int((mask_prob + 0.005) * seq_len) as the reference."""
+    """N, the masked slots per sequence (the generator always runs on batch x N rows); None derives it from
+    the sequence length, `max_predictions_for`."""
     disc_weight: float = 50.0
     """Weight of the discriminator's RTD loss in the total loss (reference `disc_weight`: 50)."""
     temperature: float = 1.0
@@ -129,15 +141,45 @@ class ModelConfig:
             ("kernels", KERNEL_CHOICES),
             ("discriminator_head", HEAD_CHOICES),
             ("embedding_tying", TYING_CHOICES),
+            ("masking", MASKING_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"ModelConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def max_predictions_for(self, seq_len: int) -> int:
-        """Masked positions per sequence at most: the reference's int((mask_prob + 0.005) * seq_len)."""
+        """N, the masked slots per sequence at length `seq_len` (the one place N is derived).
+
+        `max_predictions` when set. Otherwise, "electra": the reference's int((mask_prob + 0.005) * seq_len)
+        (`configure_pretraining.py:106-107`), a cap on its exact count. "bernoulli": the smallest N with
+        P(Binomial(seq_len - 2, mask_prob) > N) <= TRUNCATION_PROBABILITY, seq_len - 2 being the most
+        candidates a sequence can have ([CLS] ... [SEP]): 40 at 128 (P = 6.4e-7), 117 at 512.
+        """
         if self.max_predictions is not None:
             return self.max_predictions
+        if self.masking == "bernoulli":
+            return bernoulli_capacity(seq_len - 2, self.mask_prob, TRUNCATION_PROBABILITY)
         return max(1, int((self.mask_prob + 0.005) * seq_len))
+
+
+@functools.cache
+def bernoulli_capacity(candidates: int, mask_prob: float, tolerance: float) -> int:
+    """The smallest N >= 1 with P(Binomial(candidates, mask_prob) > N) <= tolerance (exact, in log space)."""
+    if candidates < 1 or mask_prob >= 1.0:
+        return max(1, candidates)
+    log_p, log_q = math.log(mask_prob), math.log1p(-mask_prob)
+    tail = 0.0  # P(count > n), accumulated from the top
+    for n in range(candidates, 0, -1):
+        log_pmf = (
+            math.lgamma(candidates + 1)
+            - math.lgamma(n + 1)
+            - math.lgamma(candidates - n + 1)
+            + n * log_p
+            + (candidates - n) * log_q
+        )
+        if tail + math.exp(log_pmf) > tolerance:  # P(count > n - 1) too large: n slots are needed
+            return n
+        tail += math.exp(log_pmf)
+    return 1
 
 
 def _electra_pair(*, hidden: int, embedding: int, layers: int, heads: int, ffn: int, gen_fraction: float):
@@ -193,6 +235,9 @@ PRESETS: dict[str, dict] = {
         hidden_act="gelu_new",
         discriminator_head="linear",
         embedding_tying="copied",
+        # lmtuners utils/masked_lm.py:9-13, 27-28 (rand_replace=False): Bernoulli(0.15), all -> [MASK].
+        masking="bernoulli",
+        mask_token_prob=1.0,
     ),
     "electra-base": _electra_pair(
         hidden=768, embedding=768, layers=12, heads=12, ffn=3072, gen_fraction=1 / 3

@@ -16,6 +16,10 @@ generators", OOPSLA 2014), so neighbouring inputs give unrelated seeds and runs 
 never share a stream (unlike base + step * world + rank). Results are 63-bit: they fit int64 and
 `torch.Generator.manual_seed`. `derive_seed` also takes an int64 tensor (a seed that lives on the device,
 so a new seed per step needs no host-to-device copy) and returns the same value as a tensor there.
+
+`random_bits(seed, counters)` turns a stream seed into random numbers by torch ops on the seed's device: the
+outputs of the SplitMix64 generator started at `seed`, one per counter (counter based: any element, in any
+order, nothing stored), for the masking of a captured training step (alectra.masking).
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ def _splitmix64_tensor(x: torch.Tensor) -> torch.Tensor:
     x = (x ^ _shr(x, 30)) * _signed(_MIX1)
     x = (x ^ _shr(x, 27)) * _signed(_MIX2)
     return x ^ _shr(x, 31)
+
+
+def random_bits(seed: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """64 random bits (int64) per element of `counters` (int64 tensor >= 0, any shape) from an int64 0-dim
+    seed tensor: SplitMix64's output number `counter + 1` from state `seed`, mix(seed + (counter + 1) *
+    golden), the same bits `_splitmix64((seed + counter * golden) mod 2**64)` gives on ints. 14 tensor ops.
+    """
+    return _splitmix64_tensor(counters * _signed(_GOLDEN) + seed)
 
 
 def step_seed(base_seed: int, step: int, slot: int) -> int:
