@@ -103,7 +103,13 @@ def single_process_group():
     import deepspeed
 
     # port 0: the store binds a port of its own (alectra.distributed.DistEnv.master_port)
-    rendezvous = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    rendezvous = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "0",
+    }
     os.environ.update({k: os.environ.get(k, v) for k, v in rendezvous.items()})
     deepspeed.init_distributed(dist_backend="gloo")
     yield
