@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from data_prep.tokenizer import BERT_SPECIAL_TOKENS
+
 REPO = Path(__file__).resolve().parents[1]
 # A small build (its time is mostly importing transformers): 120 documents and 1,000 pieces are enough
 # for tied merges to pick differently.
@@ -30,3 +32,8 @@ def test_demo_build_is_byte_identical_across_processes(tmp_path):
     manifests = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in "ab"]
     assert manifests[0]["shards"] == manifests[1]["shards"]  # token counts and checksums
     assert manifests[0]["tokenizer"]["vocab_sha256"] == manifests[1]["tokenizer"]["vocab_sha256"]
+    # The ## pieces are seeded through the trainer's special tokens; the saved tokenizer must not keep them
+    # as special (they would be split out of raw text and dropped by decode(skip_special_tokens=True)).
+    added = json.loads(a["tokenizer/tokenizer.json"])["added_tokens"]
+    assert sorted(t["content"] for t in added) == sorted(BERT_SPECIAL_TOKENS)
+    assert b"\n##e\n" in a["tokenizer/vocab.txt"]
