@@ -595,6 +595,51 @@ def test_links_and_readme_paths_exist():
             assert (ROOT / name).exists(), f"README.md names {name}, which does not exist"
 
 
+def parser_options(main: Callable[..., object]) -> set[str]:
+    """Every option string of an entry point's parser and its subcommands' parsers."""
+    found: set[str] = set()
+
+    def collect(self, args=None, namespace=None):
+        parsers = [self]
+        while parsers:
+            parser = parsers.pop()
+            for action in parser._actions:
+                found.update(action.option_strings)
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers += action.choices.values()
+        raise Parsed(argparse.Namespace())
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", collect), contextlib.suppress(Parsed):
+        main([])
+    return found
+
+
+def test_documented_options_exist():
+    """Options named in the prose and tables: every `--section.field` in README.md and docs/ is a run-config
+    field, and the options in the first column of docs/glue.md's and docs/data_prep.md's tables belong to
+    alectra.glue / data_prep (a renamed option fails here even where no command uses it)."""
+    import dataclasses
+
+    from alectra.config import RunConfig
+
+    defaults = RunConfig()
+    fields = {"--" + f.name for f in dataclasses.fields(RunConfig)}
+    for section in dataclasses.fields(RunConfig):
+        value = getattr(defaults, section.name)
+        if dataclasses.is_dataclass(value):
+            fields |= {f"--{section.name}.{f.name}" for f in dataclasses.fields(value)}
+    for path in DOC_FILES:
+        for flag in re.findall(r"`[^`]*?(--(?:model|data|train|checkpoint|logging)\.\w+)", path.read_text()):
+            assert flag in fields, f"{path.relative_to(ROOT)} names {flag}, which is not a run-config field"
+    for doc, main in (("glue.md", MODULE_MAINS["alectra.glue"]), ("data_prep.md", MODULE_MAINS["data_prep"])):
+        known = parser_options(resolve(main))
+        rows = re.findall(r"^\| (`--[^|]*)\|", (ROOT / "docs" / doc).read_text(), re.M)
+        flags = [f for row in rows for f in re.findall(r"`(--[\w-]+)", row)]
+        assert len(flags) > 5, f"docs/{doc}: no option table found"
+        for flag in flags:
+            assert flag in known, f"docs/{doc} documents {flag}, which {main} does not accept"
+
+
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
