@@ -541,6 +541,9 @@ def test_every_documented_command_runs_or_passes_its_parser(tmp_path):
             failures.append(f"{cmd}\n    {exc}")
     print("\n" + "\n".join(f"{status[:40]:<40}  {where}" for where, status in checker.statuses))
     assert not failures, "documented commands that would fail:\n" + "\n".join(failures)
+    cluster = [where for where, _ in checker.statuses if where.startswith("docs/cluster.md")]
+    cpu_nodes = [where for where in cluster if "--gpus-per-node=0" in where]
+    assert cpu_nodes, "docs/cluster.md lost its CPU-only multi-node example (checked at its world size)"
     ran = [where for where, status in checker.statuses if status == "ran"]
     for subcommand in ("train-tokenizer", "build", "inspect", "verify"):
         assert any(f"data_prep {subcommand}" in where for where in ran), f"no `data_prep {subcommand}` ran"
