@@ -598,6 +598,23 @@ def test_links_and_readme_paths_exist():
             assert (ROOT / name).exists(), f"README.md names {name}, which does not exist"
 
 
+def test_cluster_env_table_matches_the_template():
+    """docs/cluster.md's table of slurm/pretrain.sh's environment: every variable is read by the template,
+    and a numeric default in the table is the template's `${VAR:-default}`."""
+    doc = (ROOT / "docs" / "cluster.md").read_text()
+    script = (ROOT / "slurm" / "pretrain.sh").read_text()
+    table = doc.split("Environment variables of `slurm/pretrain.sh`", 1)[1].split("\n\n", 2)[1]
+    rows = [row.split("|")[1:3] for row in table.splitlines()[2:]]
+    assert len(rows) > 10, "docs/cluster.md: the environment table of slurm/pretrain.sh is gone"
+    for names, default in rows:
+        for name in re.findall(r"`([A-Z_]+)`", names):
+            assert name in script, f"docs/cluster.md documents {name}, which slurm/pretrain.sh does not read"
+            in_script = re.search(rf"\$\{{{name}:-(\d+)\}}", script)
+            if default.strip().isdigit() and in_script:
+                documented = default.strip()
+                assert documented == in_script[1], f"{name}: docs say {documented}, the script {in_script[1]}"
+
+
 def parser_options(main: Callable[..., object]) -> set[str]:
     """Every option string of an entry point's parser and its subcommands' parsers."""
     found: set[str] = set()
