@@ -586,16 +586,20 @@ def test_readme_test_command_is_what_ci_runs():
         assert as_readme in readme, f"README.md: no `{shlex.join(as_readme)}` (.ci/run runs it)"
 
 
-def test_links_and_readme_paths_exist():
-    """Every relative Markdown link in README.md and docs/ resolves; every repository path the README names
-    in backticks exists (its map of the tree)."""
+def test_links_and_repository_paths_exist():
+    """Every relative Markdown link in README.md and docs/ resolves, and every repository file they name
+    (in backticks, or a path with a file suffix in the prose) exists: a moved or deleted file fails here."""
+    prose = re.compile(r"(?<![\w/`])((?:alectra|kernels|data_prep|tests|benchmarks|slurm|configs|ds_configs)/"
+                       r"[\w/.-]+\.(?:py|sh|yaml|json|md))")  # fmt: skip
     for path in DOC_FILES:
-        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", path.read_text(encoding="utf-8")):
+        text = path.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", text):
             if "://" not in target:
                 assert (path.parent / target).exists(), f"{path.relative_to(ROOT)}: broken link {target}"
-    for name in re.findall(r"`([^`\s]+)`", (ROOT / "README.md").read_text(encoding="utf-8")):
-        if name.startswith(REPO_DIRS) and "<" not in name:
-            assert (ROOT / name).exists(), f"README.md names {name}, which does not exist"
+        named = [n.split("::")[0].rstrip(",.") for n in re.findall(r"`([^`\s]+)`", text)]
+        for name in [n for n in named if n.startswith(REPO_DIRS)] + prose.findall(text):
+            if "<" not in name and "*" not in name:
+                assert (ROOT / name).exists(), f"{path.relative_to(ROOT)} names {name}, which does not exist"
 
 
 def test_cluster_env_table_matches_the_template():
@@ -615,16 +619,16 @@ def test_cluster_env_table_matches_the_template():
                 assert documented == in_script[1], f"{name}: docs say {documented}, the script {in_script[1]}"
 
 
-def parser_options(main: Callable[..., object]) -> set[str]:
-    """Every option string of an entry point's parser and its subcommands' parsers."""
-    found: set[str] = set()
+def parser_options(main: Callable[..., object]) -> dict[str, object]:
+    """Every option string of an entry point's parser and its subcommands' parsers -> its default."""
+    found: dict[str, object] = {}
 
     def collect(self, args=None, namespace=None):
         parsers = [self]
         while parsers:
             parser = parsers.pop()
             for action in parser._actions:
-                found.update(action.option_strings)
+                found.update(dict.fromkeys(action.option_strings, action.default))
                 if isinstance(action, argparse._SubParsersAction):
                     parsers += action.choices.values()
         raise Parsed(argparse.Namespace())
@@ -634,10 +638,21 @@ def parser_options(main: Callable[..., object]) -> set[str]:
     return found
 
 
+def _same_default(documented: str, default: object) -> bool:
+    """A table's default cell (a number or one `literal`) against the parser's; other cells are prose."""
+    cell = documented.strip().strip("`")
+    if re.fullmatch(r"[-+]?\d+(\.\d*)?(e[-+]?\d+)?", cell):
+        return isinstance(default, (int, float)) and float(cell) == float(default)
+    if re.fullmatch(r"`[\w-]+`", documented.strip()):
+        return cell == default
+    return True
+
+
 def test_documented_options_exist():
     """Options named in the prose and tables: every `--section.field` in README.md and docs/ is a run-config
-    field, and the options in the first column of docs/glue.md's and docs/data_prep.md's tables belong to
-    alectra.glue / data_prep (a renamed option fails here even where no command uses it)."""
+    field; the options in the first column of docs/glue.md's and docs/data_prep.md's tables belong to
+    alectra.glue / data_prep, with the default the table gives (a number or a `literal`). A renamed option
+    or a changed default fails here even where no command uses it."""
     import dataclasses
 
     from alectra.config import RunConfig
@@ -651,13 +666,22 @@ def test_documented_options_exist():
     for path in DOC_FILES:
         for flag in re.findall(r"`[^`]*?(--(?:model|data|train|checkpoint|logging)\.\w+)", path.read_text()):
             assert flag in fields, f"{path.relative_to(ROOT)} names {flag}, which is not a run-config field"
+    compared = 0
     for doc, main in (("glue.md", MODULE_MAINS["alectra.glue"]), ("data_prep.md", MODULE_MAINS["data_prep"])):
         known = parser_options(resolve(main))
-        rows = re.findall(r"^\| (`--[^|]*)\|", (ROOT / "docs" / doc).read_text(), re.M)
-        flags = [f for row in rows for f in re.findall(r"`(--[\w-]+)", row)]
-        assert len(flags) > 5, f"docs/{doc}: no option table found"
-        for flag in flags:
-            assert flag in known, f"docs/{doc} documents {flag}, which {main} does not accept"
+        rows = re.findall(r"^\| (`--[^|]*)\|([^|]*)\|", (ROOT / "docs" / doc).read_text(), re.M)
+        assert len(rows) > 5, f"docs/{doc}: no option table found"
+        for options, default in rows:
+            flags = re.findall(r"`(--[\w-]+)", options)
+            for flag in flags:
+                assert flag in known, f"docs/{doc} documents {flag}, which {main} does not accept"
+            if len(flags) == 1 and default.strip():
+                assert _same_default(default, known[flags[0]]), (
+                    f"docs/{doc}: {flags[0]} defaults to {default.strip()} in the table, "
+                    f"{known[flags[0]]!r} in {main}"
+                )
+                compared += 1
+    assert compared > 10, f"only {compared} defaults compared: is the table still `| option | default |`?"
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
