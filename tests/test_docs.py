@@ -68,7 +68,7 @@ STATIC_ONLY = {
     "srun": "needs a SLURM allocation",
     "bash slurm/": "submits SLURM jobs",
     "mpirun": "several ranks of a training run or build (tests/test_mpi.py runs one)",
-    "deepspeed": "a training run: minutes (tests/test_engine.py and the lead's README run cover it)",
+    "deepspeed": "a training run: minutes (tests/test_engine.py runs the demo command, shortened)",
     "torchrun": "a multi-rank training run",
     "alectra/pretrain.py": "a training run: minutes",
     "alectra.glue": "fine-tuning: minutes, GLUE data",
@@ -81,7 +81,6 @@ STATIC_ONLY = {
     "python -c": "builds the whole demo corpus",
     "data_prep": "reads a hub dataset or tokenizer, or a dataset the sandbox does not hold",
     "benchmarks/": "a benchmark (GPU or minutes)",
-    "hub": "downloads a tokenizer or dataset from the Hugging Face hub",
 }
 """Why a kind of documented command is checked, not run, here."""
 
@@ -90,7 +89,7 @@ SBATCH_VALUE_OPTIONS = {
     "--nodes", "--ntasks", "--ntasks-per-node", "--gpus-per-node", "--gpus-per-task", "--gpus", "--gres",
     "--cpus-per-task", "--mem", "--time", "--array", "--output", "--error", "--job-name", "--partition",
     "--account", "--qos", "--signal", "--open-mode", "--dependency", "--wrap", "--gpu-bind", "--export",
-    "--constraint", "--exclusive",
+    "--constraint",
 }  # fmt: skip
 SBATCH_FLAGS = {"--requeue", "--no-requeue", "--parsable", "--wait", "--test-only", "--exclusive"}
 
@@ -322,11 +321,7 @@ class Checker:
 
     def _launched(self, cmd: Command, args: list[str], world: int | None) -> None:
         assert args[0] in ("python", "python3"), f"{cmd.argv[0]} starts {args[0]!r}: expected python"
-        inner = Command(cmd.where, args)
-        if args[1] == "alectra/pretrain.py":
-            self.pretrain(inner, args[2:], world)
-        else:
-            self.python(inner)
+        self.python(Command(cmd.where, args), world)
 
     def sbatch(self, cmd: Command) -> None:
         args, options = cmd.argv[1:], {}
@@ -405,22 +400,22 @@ class Checker:
         if module == "data_prep.cli" and self.run_data_prep(cmd, args):
             return
         parse_only(resolve(target), args)
-        reason = STATIC_ONLY.get(name) or STATIC_ONLY.get(
-            module.removesuffix(".__main__").removesuffix(".cli")
-        )
-        self.note(cmd, f"checked: {reason or STATIC_ONLY['hub']}")
+        reason = STATIC_ONLY.get(name) or STATIC_ONLY[module.removesuffix(".__main__").removesuffix(".cli")]
+        self.note(cmd, f"checked: {reason}")
 
     def run_data_prep(self, cmd: Command, args: list[str]) -> bool:
         """Run a data_prep command in the sandbox when every input it names is there (documentation order:
         the tokenizer and datasets earlier commands made are there for later ones)."""
         if self.sandbox is None:
             return False
-        namespace = parse_only(resolve(MODULE_MAINS["data_prep"]), args)
-        needs = [getattr(namespace, name, None) for name in ("tokenizer", "dataset", "output_dir")]
-        needs = [needs[0], needs[1], needs[2] if namespace.cmd == "merge" else None]
-        needs += list(getattr(namespace, "input", None) or [])
-        if getattr(namespace, "hf_dataset", None) or any(
-            n is not None and not list(self.sandbox.glob(n.rstrip("/"))) for n in needs
+        ns = parse_only(resolve(MODULE_MAINS["data_prep"]), args)
+        needs = [*(getattr(ns, "input", None) or []), *(getattr(ns, "prefix", None) or [])]
+        needs += [getattr(ns, name) for name in ("tokenizer", "dataset") if getattr(ns, name, None)]
+        needs += [ns.output_dir] if ns.cmd == "merge" else []
+        if (
+            getattr(ns, "hf_dataset", None)
+            or getattr(ns, "demo", False)  # the whole demo corpus: checked, not run
+            or not all(list(self.sandbox.glob(need.rstrip("/"))) for need in needs)
         ):
             return False
         from data_prep.cli import main
