@@ -164,6 +164,15 @@ def pretraining_datasets(cfg: RunConfig, paths: list[str]) -> tuple[Any, Any]:
     )
 
 
+def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any]) -> Any:
+    """The DeepSpeed engine around `model` (already on its device): optimizer, LR schedule, ZeRO wrapper."""
+    optimizer = build_optimizer(model, cfg.train, offload=offloads_optimizer(ds_config))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config
+    )
+    return engine
+
+
 def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:
     """Everything up to the first step; collective (call on every rank)."""
     from alectra.export import export_checkpoint, write_model_metadata
@@ -198,10 +207,7 @@ def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:
     model = ElectraPretrainingModel(model_config, vocab_size=vocab_size, special_token_ids=special)
     flops_per_token = model.flops_per_token(cfg.data.max_seq_length)
     model.to(_device(hardware))
-    optimizer = build_optimizer(model, cfg.train, offload=offloads_optimizer(ds_config))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config
-    )
+    engine = build_engine(model, cfg, ds_config)
     state = TrainState() if resume is None else _restore(engine, resume, same_world)
 
     if rank == 0:
