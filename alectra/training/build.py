@@ -16,6 +16,7 @@ import torch
 import torch.distributed
 
 from alectra.config import ConfigError, RunConfig, save_config
+from alectra.training import zero
 from alectra.training.checkpoint import (
     Checkpointer,
     CheckpointInfo,
@@ -167,10 +168,9 @@ def pretraining_datasets(cfg: RunConfig, paths: list[str]) -> tuple[Any, Any]:
 def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any]) -> Any:
     """The DeepSpeed engine around `model` (already on its device): optimizer, LR schedule, ZeRO wrapper."""
     optimizer = build_optimizer(model, cfg.train, offload=offloads_optimizer(ds_config))
-    engine, _, _, _ = deepspeed.initialize(
+    return zero.initialize(  # deepspeed.initialize with alectra's ZeRO-1/2 step (alectra/training/zero.py)
         model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config
     )
-    return engine
 
 
 def build_trainer(cfg: RunConfig, ds_json_path: str | os.PathLike) -> Trainer:

@@ -119,6 +119,10 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
     _fill(ds, "gradient_clipping", cfg.train.clip_grad_norm, "gradient_clipping")
     # The trainer prints its own progress; DeepSpeed's per-step report would interleave with the bar.
     _fill(ds, "steps_per_print", cfg.train.steps + 1, "steps_per_print")
+    # DeepSpeed's throughput timer (on by default) synchronizes the device when each micro-batch's forward
+    # starts and its step ends (utils/timer.py ThroughputTimer) for a figure it prints every steps_per_print;
+    # the trainer measures throughput itself.
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
 
     precision = _precision(cfg, ds, hw)
     for name in ("bf16", "fp16"):
