@@ -140,6 +140,11 @@ class FusedZeroOptimizer(DeepSpeedZeroOptimizer):
         if not (self.partition_gradients or self.is_gradient_accumulation_boundary()):
             return None  # ZeRO-1 reduces at the accumulation boundary; until then autograd accumulates
         chunk = self._chunk_of[id(param)]
+        if chunk.reduced:  # DeepSpeed asserts the same ("Gradient computed twice for this partition")
+            raise RuntimeError(
+                f"a gradient of {param.shape} arrived after its chunk was reduced in this backward; "
+                f"gradients computed twice in one backward are not supported"
+            )
         chunk.pending -= 1
         if chunk.pending == 0:
             self._reduce_chunk(chunk)
