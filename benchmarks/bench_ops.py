@@ -34,6 +34,9 @@ CPU: the `synchronize()` calls DeepSpeed makes only where `resolves_data_depende
 its CPU accelerator), e.g. stage_1_and_2.py `independent_gradient_partition_epilogue` with overlap_comm.
 
 The counted step is the one after `--warmup` steps (the first step creates optimizer state and buffers).
+Each measurement runs in a process of its own (see `measure`). The counts do not depend on the batch size,
+but they do on whether the batch has padding (the encoders' attention mask ops): the synthetic batch pads
+every other row, as real packed data does.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ops.py                     # both presets, fp32 + bf16, 4 JSONs
     OMP_NUM_THREADS=1 python benchmarks/bench_ops.py --presets electra-small --precisions bf16 \\
@@ -44,8 +47,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -397,6 +402,50 @@ def _top(counts: Counts, n: int) -> None:
             print(f"    {phase} syncs: " + ", ".join(f"{k} {v}" for k, v in syncs.most_common()))
 
 
+def _to_json(counts: Counts) -> str:
+    return json.dumps({k: getattr(counts, k) for k in ("ops", "syncs", "names", "sync_names")})
+
+
+def _from_json(text: str) -> Counts:
+    data = json.loads(text)
+    return Counts(
+        ops=Counter(data["ops"]),
+        syncs=Counter(data["syncs"]),
+        names={phase: Counter(names) for phase, names in data["names"].items()},
+        sync_names={phase: Counter(names) for phase, names in data["sync_names"].items()},
+    )
+
+
+def worker(args) -> None:
+    """One measurement in this process: `args.worker` is a BARE kind or a ds_configs/ name."""
+    from alectra.training.build import init_distributed
+
+    logging.getLogger("alectra.training.ds_config").setLevel(logging.ERROR)  # "bf16 disabled": forced back on
+    init_distributed()
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    preset, precision = args.presets[0], args.precisions[0]
+    if args.worker in BARE:
+        counts = count_bare(args, preset, args.worker)
+    else:
+        counts = count_engine(args, preset, ROOT / "ds_configs" / f"{args.worker}.json", precision)
+    torch.distributed.destroy_process_group()
+    print(_to_json(counts))
+
+
+def measure(args, preset: str, precision: str, what: str) -> Counts:
+    """`worker` in a subprocess of its own: ZeRO-3 replaces torch.nn.functional.linear for the rest of the
+    process (deepspeed/runtime/zero/partition_parameters.py `_enable_mem_efficient_linear`: "This will
+    persist unless manually reset"), which would change every later count in the same process."""
+    cmd = [sys.executable, __file__, "--worker", what, "--presets", preset, "--precisions", precision]
+    cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
+    return _from_json(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=["electra-small", "alectra-small"])
@@ -411,24 +460,20 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="steps before the counted one")
     parser.add_argument("--top", type=int, default=0, help="also print the N most frequent ops per phase")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    if args.worker:
+        return worker(args)
     from bench_step import VOCAB
-
-    from alectra.training.build import init_distributed
 
     for name in args.configs:
         if not (ROOT / "ds_configs" / f"{name}.json").is_file():
             parser.error(f"--configs: no ds_configs/{name}.json")
-    logging.getLogger("alectra.training.ds_config").setLevel(logging.ERROR)  # "bf16 disabled": forced back on
-    init_distributed()
-    from deepspeed.utils import logger
-
-    logger.setLevel(logging.WARNING)
     print(
-        f"torch {torch.__version__}, deepspeed {__import__('deepspeed').__version__}, CPU, "
-        f"{torch.distributed.get_world_size()} rank; batch {args.batch} x {args.seq_len}, vocab {VOCAB}; "
+        f"torch {torch.__version__}, deepspeed {__import__('deepspeed').__version__}, CPU, 1 rank, each "
+        f"measurement in its own process; batch {args.batch} x {args.seq_len}, vocab {VOCAB}; "
         f"load avg {os.getloadavg()[0]:.2f}"
     )
     header = f"{'':<22}" + "".join(f"{p:>9}" for p in (*PHASES, "total"))
@@ -439,7 +484,7 @@ def main() -> None:
             print(f"\n{preset}, {precision}: ops dispatched in one optimizer step (no views, detach, empty*)")
             print(header)
             kinds = ("autocast", "bf16") if precision == "bf16" else ("fp32",)
-            bares = {kind: count_bare(args, preset, kind) for kind in kinds}
+            bares = {kind: measure(args, preset, precision, kind) for kind in kinds}
             for kind, counts in bares.items():
                 print(_row(BARE[kind], counts), flush=True)
                 if args.top:
@@ -447,15 +492,15 @@ def main() -> None:
             bare, reference = bares[kinds[0]], bares[kinds[-1]]
             for name in args.configs:
                 try:
-                    counts = count_engine(args, preset, ROOT / "ds_configs" / f"{name}.json", precision)
-                except Exception as exc:  # noqa: BLE001 - one failing JSON must not hide the others
-                    print(f"{name + '.json':<22} failed: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+                    counts = measure(args, preset, precision, name)
+                except RuntimeError as exc:  # one failing JSON must not hide the others
+                    print(f"{name + '.json':<22} failed: {str(exc)[:150]}", flush=True)
                     continue
                 print(_row(f"{name}.json", counts, bare, reference), flush=True)
                 if args.top:
                     _top(counts, args.top)
             print(f"({time.perf_counter() - start:.0f} s; load avg {os.getloadavg()[0]:.2f})")
-    torch.distributed.destroy_process_group()
+    return None
 
 
 if __name__ == "__main__":
