@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -86,6 +89,7 @@ def build(tmp_path: Path, name: str, precision: str, bucket: int | None = None, 
     from alectra.training.build import build_engine
 
     cfg = bench_ops.run_config(ARGS, "tiny", str(tmp_path))
+    cfg.train.global_batch_size = ARGS.batch * torch.distributed.get_world_size()
     for key, value in train.items():
         setattr(cfg.train, key, value)
     ds_config = bench_ops.resolved_ds_config(cfg, ds_json(name), precision)
@@ -195,6 +199,62 @@ def test_chunked_reduction_matches_one_chunk(single_process_group, tmp_path):
     assert losses[5_000] == pytest.approx(losses[50_000_000], rel=1e-6)
 
 
+def two_rank_worker(out: Path) -> None:
+    """Run by `test_two_ranks_chunks_and_skip` under torchrun: ZeRO-2 fp32 on 2 ranks with different batches,
+    one chunk per group and >20 chunks (many outside this rank's partition), 2 clean steps, then a step with
+    a NaN gradient on rank 1 only. Writes out/rank<r>.json."""
+    from alectra.training.build import init_distributed
+
+    init_distributed()
+    rank = torch.distributed.get_rank()
+    result: dict[str, object] = {}
+    for bucket in (50_000_000, 5_000):
+        engine, _, batch = build(out / str(bucket), "zero2", "fp32", bucket, lr=1e-2, warmup_steps=0)
+        ids = batch["input_ids"]  # (B, T): other tokens on each rank
+        other = torch.Generator().manual_seed(rank)
+        ids[:, 1:8] = torch.randint(999, 30000, (ids.shape[0], 7), generator=other)
+        losses, norms = [], []
+        for seed in range(2):
+            losses.append(float(train_step(engine, batch, seed)))
+            norms.append(float(engine.get_global_grad_norm()))
+        before = snapshot(engine)
+        weight = engine.module.generator.base_model.encoder.layer[0].output.dense.weight
+        hook = weight.register_hook(lambda grad: grad * float("nan") if rank == 1 else grad)
+        train_step(engine, batch, seed=2)
+        hook.remove()
+        untouched = all(torch.equal(value, snapshot(engine)[key]) for key, value in before.items())
+        result[str(bucket)] = {
+            "chunks": len(engine.optimizer._chunks),
+            "losses": losses,
+            "norms": norms,
+            "applied": engine.was_step_applied(),
+            "skipped": engine.skipped_steps,
+            "untouched": untouched,
+        }
+        engine.destroy()
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_chunks_and_skip(tmp_path):
+    """Across 2 ranks: many chunks train like one chunk per group, the norm is global (the same on both
+    ranks), and a NaN gradient on one rank skips the step on both."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in ranks:
+        one, many = result["50000000"], result["5000"]
+        assert one["chunks"] == 2 and many["chunks"] > 20
+        assert many["losses"] == pytest.approx(one["losses"], rel=1e-6)
+        assert many["norms"] == pytest.approx(one["norms"], rel=1e-6)
+        for run in (one, many):
+            assert not run["applied"] and run["skipped"] == 1 and run["untouched"]
+    assert ranks[0]["5000"]["losses"] != ranks[1]["5000"]["losses"]  # the ranks saw different batches
+    assert ranks[0]["5000"]["norms"] == ranks[1]["5000"]["norms"]  # one global norm
+
+
 # ---- the DeepSpeed internals alectra/training/zero.py overrides or relies on -----------------------------
 
 ZERO = "DeepSpeedZeroOptimizer"
@@ -248,3 +308,7 @@ def test_deepspeed_internals_are_the_pinned_ones():
         if (digest := _source_digest(module, name)) != pinned
     }
     assert changed == {}
+
+
+if __name__ == "__main__":
+    two_rank_worker(Path(sys.argv[1]))
