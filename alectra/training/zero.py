@@ -2,9 +2,9 @@
 small number of device ops per optimizer step and no host sync (written against DeepSpeed 0.19.8; pinned
 there by tests/test_op_budget.py, which fails when a DeepSpeed method this relies on changes).
 
-Why (issue 12, benchmarks/RESULTS.md "engine"): at ELECTRA-Small's size a training step is bound by kernel
-launches, and DeepSpeed 0.19.8's `DeepSpeedZeroOptimizer` spends ~6,100 ops per step on ~200 parameter
-tensors (runtime/zero/stage_1_and_2.py): the bf16 overflow check per gradient
+Why (issue 12; benchmarks/RESULTS.md, "Issue 12 (engine)"): at ELECTRA-Small's size a training step is
+bound by kernel launches, and DeepSpeed 0.19.8's `DeepSpeedZeroOptimizer` spends ~6,100 ops per step on the
+400 parameter tensors (runtime/zero/stage_1_and_2.py): the bf16 overflow check per gradient
 (`has_overflow_partitioned_grads_serial` -> runtime/utils.py `has_inf_or_nan`: amax, amin, 2 x isfinite, ...),
 one fp64 norm per gradient (`get_grad_norm_direct`), a copy per gradient into the reduction bucket (ZeRO-2
 `reduce_independent_p_g_buckets_and_remove_grads`) or back from it (ZeRO-1 `allreduce_and_copy`); and it reads
@@ -16,18 +16,21 @@ keeps DeepSpeed's own code, see `_fused_path_supported`):
 
 - Gradients are reduced in chunks: runs of parameters that are contiguous in DeepSpeed's flat parameter buffer
   (`bit16_groups_flat`), at most `reduce_bucket_size` elements each. A chunk is reduced with one `cat` of its
-  gradients, one all-reduce (more than one rank) and one `add_` of this rank's slice into the flat fp32
-  gradient partition, then its gradients are freed. ZeRO-2 reduces a chunk as soon as its last gradient has
-  arrived (DeepSpeed's per-parameter hooks, `process_gradients`), on every micro-batch, so gradients stay
-  partitioned at chunk granularity; ZeRO-1 reduces at the accumulation boundary. Communication is DeepSpeed's
-  default (an all-reduce of the bucket, `use_multi_rank_bucket_allreduce`); gradients are averaged over ranks
-  and accumulated over micro-batches in fp32 (DeepSpeed accumulates ZeRO-2 partitions in the model's dtype).
-- The step: one global L2 norm over the flat fp32 partitions (`_foreach_norm` in fp64, summed over ranks),
-  clipping as `torch.nn.utils.clip_grad_norm_` does it (one `_foreach_mul_`), and the non-finite decision
-  on the device: `found_inf` (1.0 when the norm is inf/NaN) is handed to the inner optimizer, which skips the
-  update without touching weights or state (torch's fused AdamW follows this GradScaler protocol; Adam's
-  step count, and with it the bias correction, counts applied steps only). DeepSpeed's rule for when to skip
-  is kept: fp32 always; bf16 unless `bf16.check_grad_overflow` is false.
+  gradients (on one rank straight into the flat fp32 gradient partition), then, on more ranks, one
+  all-reduce and one write or `add_` of this rank's slice into the partition; its gradients are freed.
+  ZeRO-2 reduces a chunk as soon as its last gradient has arrived (DeepSpeed's per-parameter hooks,
+  `process_gradients`), on every micro-batch, so gradients stay partitioned at chunk granularity; ZeRO-1
+  reduces at the accumulation boundary. Communication is DeepSpeed's default (an all-reduce of the bucket,
+  `use_multi_rank_bucket_allreduce`); gradients are averaged over ranks and accumulated over micro-batches in
+  fp32 (DeepSpeed accumulates ZeRO-2 partitions in the model's dtype).
+- The step: one global L2 norm over the flat fp32 partitions, computed as `clip_grad_norm_` does (one
+  `_foreach_norm` over each parameter's view of them, then the norm of those; one fp32 sum over a whole
+  14M-element partition loses ~1e-4 relative on a CPU), squares summed over ranks; clipping as
+  `torch.nn.utils.clip_grad_norm_` does it (one `_foreach_mul_`); and the non-finite decision on the device:
+  `found_inf` (1.0 when the norm is inf/NaN) is handed to the inner optimizer, which skips the update
+  without touching weights or state (torch's fused AdamW follows this GradScaler protocol; Adam's step
+  count, and with it the bias correction, counts applied steps only). DeepSpeed's rule for when to skip is
+  kept: fp32 always; bf16 unless `bf16.check_grad_overflow` is false.
 - The host never learns whether a step was skipped, so `overflow` stays False and DeepSpeed's engine steps the
   LR schedule on every optimizer step, skipped ones included: the schedule follows the optimizer step count
   (torch GradScaler's convention; it equals the trainer's `TrainState.step`, so a resumed run continues the
@@ -37,8 +40,10 @@ keeps DeepSpeed's own code, see `_fused_path_supported`):
 when asked: the trainer asks after a non-finite loss): `was_step_applied()` and `skipped_steps` (also saved in
 and restored from checkpoints, as DeepSpeed does with its host counter).
 
-Not supported on this path, left to DeepSpeed: `safe_get_full_grad` and the other `_hp_mapping` gradient
-views (they read DeepSpeed's per-parameter `averaged_gradients`, which this path does not build).
+Not on this path: `safe_get_full_grad` and the other `_hp_mapping` gradient views (they read DeepSpeed's
+per-parameter `averaged_gradients`, which this path does not build); and with `overlap_comm` a chunk's
+all-reduce runs on the current stream inside the backward hook, not on DeepSpeed's side stream (at the small
+presets' size a step is bound by launches, not communication; not measured on several GPUs).
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class Chunk:
     """Gradients not yet arrived in this backward."""
     reduced: bool = False
     """Reduced in this backward."""
+    written: bool = False
+    """Written into the fp32 partition in this accumulation window (later micro-batches add to it)."""
 
 
 class FusedZeroOptimizer(DeepSpeedZeroOptimizer):
@@ -87,7 +94,14 @@ class FusedZeroOptimizer(DeepSpeedZeroOptimizer):
         self.skipped_steps_on_device = torch.zeros((), dtype=torch.float32, device=device)
         self._chunks = [chunk for i in range(len(self.bit16_groups)) for chunk in self._group_chunks(i)]
         self._chunk_of = {id(p): chunk for chunk in self._chunks for p in chunk.params}
-        self._grad_partitions: list[torch.Tensor] | None = None  # fp32, (partition_size[i],) per group
+        # fp32 (partition_size[i],) per group; the tail past the last parameter (alignment) stays zero
+        self._grad_partitions = [
+            torch.zeros(int(size), dtype=torch.float32, device=fp32.device)
+            for size, fp32 in zip(self.partition_size, self.single_partition_of_fp32_groups, strict=True)
+        ]
+        # Each parameter's part of them (flat views): norm and clipping run over these, never over the
+        # alignment padding, which no backward writes (a NaN clip factor there would stay for good).
+        self._param_grads = [view for i in range(len(self.bit16_groups)) for view in self._param_views(i)]
         self._new_backward()
 
     def _fused_path_supported(self) -> bool:
@@ -111,6 +125,15 @@ class FusedZeroOptimizer(DeepSpeedZeroOptimizer):
             # The GradScaler protocol: step() skips when `found_inf` is 1 (torch's fused Adam/AdamW set this).
             and getattr(self.optimizer, "_step_supports_amp_scaling", False)
         )
+
+    def _param_views(self, i: int) -> Iterator[torch.Tensor]:
+        """Each parameter's part of group i's fp32 gradient partition, as a flat view."""
+        first, size = self._partition_range(i)
+        params, offsets = self.round_robin_bit16_groups[i], self.round_robin_bit16_offsets[i]
+        for param, offset in zip(params, offsets, strict=True):
+            lo, hi = max(offset, first), min(offset + param.numel(), first + size)
+            if lo < hi:
+                yield self._grad_partitions[i].narrow(0, lo - first, hi - lo)
 
     def _group_chunks(self, i: int) -> Iterator[Chunk]:
         """Runs of consecutive parameters of group i (flat order) of at most reduce_bucket_size elements."""
@@ -171,54 +194,59 @@ class FusedZeroOptimizer(DeepSpeedZeroOptimizer):
         self._new_backward()
 
     def _reduce_chunk(self, chunk: Chunk) -> None:
-        """cat -> all-reduce -> this rank's slice / ranks added to the fp32 partition; the grads freed."""
+        """Its gradients, summed over ranks and divided by their number, written (first time in this
+        accumulation window) or added into this rank's slice of the fp32 partition; the gradients freed."""
         i = chunk.group
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])  # (end - start,)
-        world = self.partition_count[i]
-        if world > 1:
-            if flat.dtype != self.communication_data_type:
-                flat = flat.to(self.communication_data_type)
-            dist.all_reduce(flat, group=self.real_dp_process_group[i])
-        size = int(self.partition_size[i])
-        first = dist.get_rank(group=self.real_dp_process_group[i]) * size
-        lo, hi = max(chunk.start, first), min(chunk.end, first + size)
-        if lo < hi:
-            target = self._grad_partition(i).narrow(0, lo - first, hi - lo)
-            target.add_(flat.narrow(0, lo - chunk.start, hi - lo), alpha=1.0 / world)
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in chunk.params]
+        world, first, size = self.partition_count[i], *self._partition_range(i)
+        lo, hi = max(chunk.start, first), min(chunk.end, first + size)  # the chunk's part in this partition
+        if world == 1 and not chunk.written:  # one pass: the chunk is its own slice of the partition
+            torch.cat(grads, out=self._grad_partitions[i].narrow(0, chunk.start, chunk.end - chunk.start))
+        else:
+            flat = torch.cat(grads)  # (end - start,)
+            if world > 1:
+                if flat.dtype != self.communication_data_type:
+                    flat = flat.to(self.communication_data_type)
+                dist.all_reduce(flat, group=self.real_dp_process_group[i])
+            if lo < hi:
+                target = self._grad_partitions[i].narrow(0, lo - first, hi - lo)
+                mine = flat.narrow(0, lo - chunk.start, hi - lo)
+                if chunk.written:
+                    target.add_(mine, alpha=1.0 / world)
+                else:
+                    torch.mul(mine, 1.0 / world, out=target)
         for p in chunk.params:
             p.grad = None
-        chunk.reduced = True
+        chunk.reduced = chunk.written = True
 
-    def _grad_partition(self, i: int) -> torch.Tensor:
-        """Group i's fp32 gradient partition of this accumulation window, zeroed when the window opens."""
-        if self._grad_partitions is None:
-            self._grad_partitions = [
-                torch.zeros(int(size), dtype=torch.float32, device=fp32.device)
-                for size, fp32 in zip(self.partition_size, self.single_partition_of_fp32_groups, strict=True)
-            ]
-        return self._grad_partitions[i]
+    def _partition_range(self, i: int) -> tuple[int, int]:
+        """(first flat index, size) of this rank's partition of group i."""
+        size = int(self.partition_size[i])
+        return dist.get_rank(group=self.real_dp_process_group[i]) * size, size
 
     # ---- the step ----------------------------------------------------------------------------------------
 
-    def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """L2 norm of all gradients of all ranks (fp64 accumulation, like get_grad_norm_direct), as fp32."""
-        local = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
+    def _global_norm(self) -> torch.Tensor:
+        """fp32 L2 norm of all gradients of all ranks (as torch.nn.utils.clip_grad_norm_ computes it)."""
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self._param_grads)))
         if dist.get_world_size(group=self.dp_process_group) > 1:
-            squared = local.square()
+            squared = norm.square()
             dist.all_reduce(squared, group=self.dp_process_group)
-            local = squared.sqrt()
-        return local.float()
+            norm = squared.sqrt()
+        return norm
 
     def step(self, closure: Any = None) -> None:
         """Norm, clip, device-side non-finite skip, fused optimizer step, bit16 copy and all-gather."""
         if not self.fused:
             return super().step(closure)
-        grads = [self._grad_partition(i) for i in range(len(self.bit16_groups))]
-        self._grad_partitions = None  # the next backward opens a new window
-        norm = self._global_norm(grads)
+        grads = self._grad_partitions
+        if not any(chunk.written for chunk in self._chunks):  # a step without a backward: no gradient
+            torch._foreach_zero_(grads)
+        for chunk in self._chunks:
+            chunk.written = False  # the next backward opens a new accumulation window
+        norm = self._global_norm()
         if self.clip_grad > 0:  # torch.nn.utils.clip_grad_norm_'s arithmetic
-            torch._foreach_mul_(grads, (self.clip_grad / (norm + 1e-6)).clamp(max=1.0))
+            torch._foreach_mul_(self._param_grads, (self.clip_grad / (norm + 1e-6)).clamp(max=1.0))
         skip_nonfinite = self.dtype != torch.bfloat16 or self.check_grad_overflow  # DeepSpeed's step()
         found_inf = torch.isfinite(norm).logical_not().float() if skip_nonfinite else torch.zeros_like(norm)
         for fp32, grad in zip(self.single_partition_of_fp32_groups, grads, strict=True):
