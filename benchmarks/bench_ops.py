@@ -41,6 +41,12 @@ every other row, as real packed data does.
     OMP_NUM_THREADS=1 python benchmarks/bench_ops.py                     # both presets, fp32 + bf16, 4 JSONs
     OMP_NUM_THREADS=1 python benchmarks/bench_ops.py --presets electra-small --precisions bf16 \\
         --configs zero1 zero2 --top 15                                   # + the most frequent ops per phase
+    OMP_NUM_THREADS=1 python benchmarks/bench_ops.py --time 10 --presets electra-small --configs zero2 \\
+        --batch 8                                                        # CPU ms per phase instead, fp32
+
+`--time N` times the same phases instead (this thread's CPU time, `time.thread_time`, so other jobs on a
+shared machine count less than in wall time), N steps after the warm-up, the engine's and the bare loop's
+steps alternating in one process, fp32; it prints the medians and the bare / engine ratios.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -275,8 +282,10 @@ def resolved_ds_config(cfg, ds_path: Path, precision: str) -> dict:
     return ds_config
 
 
-def count_engine(args, preset: str, ds_path: Path, precision: str) -> Counts:
-    """One optimizer step of the trainer on the engine build_trainer builds."""
+@contextlib.contextmanager
+def engine_stepper(args, preset: str, ds_path: Path, precision: str, phases) -> Iterator:
+    """A function running one optimizer step of the trainer on the engine build_trainer builds, its
+    phases reported to `phases.in_phase` (an OpCounter or a PhaseTimer)."""
     from alectra.training.build import build_engine
     from alectra.training.checkpoint import Checkpointer
     from alectra.training.metrics import MetricsReporter
@@ -286,7 +295,6 @@ def count_engine(args, preset: str, ds_path: Path, precision: str) -> Counts:
         cfg = run_config(args, preset, out)
         ds_config = resolved_ds_config(cfg, ds_path, precision)
         engine = build_engine(build_model(cfg, torch.device("cpu")), cfg, ds_config)
-        counter = OpCounter()
         reporter = MetricsReporter(
             engine=engine,
             is_rank0=False,
@@ -300,7 +308,7 @@ def count_engine(args, preset: str, ds_path: Path, precision: str) -> Counts:
         )
         trainer = Trainer(
             cfg=cfg,
-            engine=PhasedEngine(engine, counter),
+            engine=PhasedEngine(engine, phases),
             train_dataset=None,
             valid_dataset=None,
             state=TrainState(),
@@ -310,8 +318,8 @@ def count_engine(args, preset: str, ds_path: Path, precision: str) -> Counts:
             export=None,
             last_checkpoint=None,
         )
-        trainer._to_device = _phased(counter, "data", trainer._to_device)
-        trainer._forward = _phased(counter, "forward", trainer._forward)
+        trainer._to_device = _phased(phases, "data", trainer._to_device)
+        trainer._forward = _phased(phases, "forward", trainer._forward)
         batch = synthetic_batch(args)
 
         def step() -> None:  # Trainer.train's per-step calls, minus the report-cadence ones
@@ -322,9 +330,7 @@ def count_engine(args, preset: str, ds_path: Path, precision: str) -> Counts:
             trainer.state.step += 1
 
         try:
-            for _ in range(args.warmup):
-                step()
-            return _counted_step(counter, step)
+            yield step
         finally:
             trainer.stop.close()
             engine.destroy()
@@ -333,8 +339,9 @@ def count_engine(args, preset: str, ds_path: Path, precision: str) -> Counts:
 BARE = {"fp32": "bare", "autocast": "bare (autocast)", "bf16": "bare (bf16 weights)"}
 
 
-def count_bare(args, preset: str, kind: str) -> Counts:
-    """One step of the bare loop: same model, fused AdamW + clip_grad_norm_; `kind` one of BARE."""
+def bare_stepper(args, preset: str, kind: str, phases):
+    """A function running one step of the bare loop (same model, fused AdamW + clip_grad_norm_; `kind` one
+    of BARE), its phases reported to `phases.in_phase`."""
     from alectra.masking import derive_seed, step_seed
     from alectra.training.optim import build_optimizer, build_scheduler
     from alectra.training.trainer import DROPOUT_STREAM
@@ -348,30 +355,89 @@ def count_bare(args, preset: str, kind: str) -> Counts:
     optimizer = build_optimizer(model, cfg.train, offload=False)
     scheduler = build_scheduler(optimizer, cfg.train)
     batch = synthetic_batch(args)
-    counter = OpCounter()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if kind == "autocast" else contextlib.nullcontext()
     steps = iter(range(10**9))
 
     def step() -> None:
-        with counter.in_phase("data"):
+        with phases.in_phase("data"):
             on_device = {k: v.to("cpu", non_blocking=True) for k, v in batch.items()}
-        with counter.in_phase("forward"):
+        with phases.in_phase("forward"):
             seed = step_seed(cfg.train.seed, next(steps), 0)
             torch.manual_seed(derive_seed(seed, DROPOUT_STREAM))
             with autocast:
                 ids, mask, types = (on_device[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
                 out = model(ids, mask, types, seed=seed)
-        with counter.in_phase("backward"):
+        with phases.in_phase("backward"):
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
-        with counter.in_phase("step"):
+        with phases.in_phase("step"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
             optimizer.step()
             scheduler.step()
 
+    return step
+
+
+def count_engine(args, preset: str, ds_path: Path, precision: str) -> Counts:
+    """Ops of one optimizer step of the trainer on the engine build_trainer builds."""
+    counter = OpCounter()
+    with engine_stepper(args, preset, ds_path, precision, counter) as step:
+        for _ in range(args.warmup):
+            step()
+        return _counted_step(counter, step)
+
+
+def count_bare(args, preset: str, kind: str) -> Counts:
+    """Ops of one step of the bare loop; `kind` one of BARE."""
+    counter = OpCounter()
+    step = bare_stepper(args, preset, kind, counter)
     for _ in range(args.warmup):
         step()
     return _counted_step(counter, step)
+
+
+class PhaseTimer:
+    """This thread's CPU seconds per phase (`time.thread_time`), with OpCounter's `in_phase`."""
+
+    def __init__(self) -> None:
+        self.phase, self.seconds, self._mark = "trainer", Counter(), None
+
+    def _switch(self, phase: str) -> None:
+        now = time.thread_time()
+        if self._mark is not None:
+            self.seconds[self.phase] += now - self._mark
+        self.phase, self._mark = phase, now
+
+    @contextlib.contextmanager
+    def in_phase(self, phase: str) -> Iterator[None]:
+        outer = self.phase
+        self._switch(phase)
+        try:
+            yield
+        finally:
+            self._switch(outer)
+
+    def timed(self, step) -> dict[str, float]:
+        """Milliseconds per phase of one `step()`."""
+        self.seconds, self._mark = Counter(), time.thread_time()
+        step()
+        self._switch(self.phase)
+        self._mark = None
+        return {phase: 1000 * self.seconds[phase] for phase in PHASES}
+
+
+def time_phases(args, preset: str, ds_path: Path) -> dict[str, dict[str, float]]:
+    """Median CPU ms per phase of the engine (fp32) and the bare loop, alternating steps in one process."""
+    timer = PhaseTimer()
+    bare = bare_stepper(args, preset, "fp32", timer)
+    runs: dict[str, list[dict[str, float]]] = {"bare": [], "engine": []}
+    with engine_stepper(args, preset, ds_path, "fp32", timer) as engine:
+        for i in range(args.warmup + args.time):
+            for name, step in (("engine", engine), ("bare", bare)):
+                times = timer.timed(step)
+                if i >= args.warmup:
+                    runs[name].append(times)
+    return {name: {p: statistics.median(t[p] for t in times) for p in PHASES} for name, times in runs.items()}
 
 
 # ---- report ----------------------------------------------------------------------------------------------
@@ -426,24 +492,44 @@ def worker(args) -> None:
 
     logger.setLevel(logging.WARNING)
     preset, precision = args.presets[0], args.precisions[0]
-    if args.worker in BARE:
-        counts = count_bare(args, preset, args.worker)
+    if args.time:
+        result = json.dumps(time_phases(args, preset, ROOT / "ds_configs" / f"{args.worker}.json"))
+    elif args.worker in BARE:
+        result = _to_json(count_bare(args, preset, args.worker))
     else:
-        counts = count_engine(args, preset, ROOT / "ds_configs" / f"{args.worker}.json", precision)
+        result = _to_json(count_engine(args, preset, ROOT / "ds_configs" / f"{args.worker}.json", precision))
     torch.distributed.destroy_process_group()
-    print(_to_json(counts))
+    print(result)
 
 
-def measure(args, preset: str, precision: str, what: str) -> Counts:
-    """`worker` in a subprocess of its own: ZeRO-3 replaces torch.nn.functional.linear for the rest of the
-    process (deepspeed/runtime/zero/partition_parameters.py `_enable_mem_efficient_linear`: "This will
+def measure(args, preset: str, precision: str, what: str) -> str:
+    """`worker`'s JSON, from a subprocess of its own: ZeRO-3 replaces torch.nn.functional.linear for the rest
+    of the process (deepspeed/runtime/zero/partition_parameters.py `_enable_mem_efficient_linear`: "This will
     persist unless manually reset"), which would change every later count in the same process."""
     cmd = [sys.executable, __file__, "--worker", what, "--presets", preset, "--precisions", precision]
     cmd += ["--batch", str(args.batch), "--seq-len", str(args.seq_len), "--warmup", str(args.warmup)]
+    cmd += ["--time", str(args.time)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
-    return _from_json(done.stdout.strip().splitlines()[-1])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def print_times(args, preset: str, name: str) -> None:
+    """The engine's and the bare loop's CPU ms per phase, their difference and the bare / engine ratios."""
+    times = json.loads(measure(args, preset, "fp32", name))
+    bare, engine = times["bare"], times["engine"]
+    print(f"\n{preset}, fp32, {name}.json, batch {args.batch} x {args.seq_len}: CPU ms per phase, median of")
+    print(f"{args.time} steps, engine and bare alternating in one process; load avg {os.getloadavg()[0]:.2f}")
+    print(f"{'':<16}" + "".join(f"{p:>10}" for p in (*PHASES, "total")))
+    for label, row in (("bare", bare), ("engine", engine)):
+        print(f"{label:<16}" + "".join(f"{row[p]:>10.1f}" for p in PHASES) + f"{sum(row.values()):>10.1f}")
+    print(f"{'engine - bare':<16}" + "".join(f"{engine[p] - bare[p]:>+10.1f}" for p in PHASES))
+    hot = ("backward", "step")
+    print(
+        f"bare / engine: backward + step {sum(bare[p] for p in hot) / sum(engine[p] for p in hot):.3f}x, "
+        f"whole step {sum(bare.values()) / sum(engine.values()):.3f}x"
+    )
 
 
 def main() -> None:
@@ -460,6 +546,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="steps before the counted one")
     parser.add_argument("--top", type=int, default=0, help="also print the N most frequent ops per phase")
+    parser.add_argument(
+        "--time",
+        type=int,
+        default=0,
+        help="instead of counting ops, time N steps per phase (fp32: CPU timings of bf16 say nothing)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -471,6 +563,11 @@ def main() -> None:
     for name in args.configs:
         if not (ROOT / "ds_configs" / f"{name}.json").is_file():
             parser.error(f"--configs: no ds_configs/{name}.json")
+    if args.time:
+        for preset in args.presets:
+            for name in args.configs:
+                print_times(args, preset, name)
+        return None
     print(
         f"torch {torch.__version__}, deepspeed {__import__('deepspeed').__version__}, CPU, 1 rank, each "
         f"measurement in its own process; batch {args.batch} x {args.seq_len}, vocab {VOCAB}; "
@@ -484,7 +581,7 @@ def main() -> None:
             print(f"\n{preset}, {precision}: ops dispatched in one optimizer step (no views, detach, empty*)")
             print(header)
             kinds = ("autocast", "bf16") if precision == "bf16" else ("fp32",)
-            bares = {kind: measure(args, preset, precision, kind) for kind in kinds}
+            bares = {kind: _from_json(measure(args, preset, precision, kind)) for kind in kinds}
             for kind, counts in bares.items():
                 print(_row(BARE[kind], counts), flush=True)
                 if args.top:
@@ -492,7 +589,7 @@ def main() -> None:
             bare, reference = bares[kinds[0]], bares[kinds[-1]]
             for name in args.configs:
                 try:
-                    counts = measure(args, preset, precision, name)
+                    counts = _from_json(measure(args, preset, precision, name))
                 except RuntimeError as exc:  # one failing JSON must not hide the others
                     print(f"{name + '.json':<22} failed: {str(exc)[:150]}", flush=True)
                     continue
