@@ -2,15 +2,21 @@
 
 A run is this file's `RunConfig` (the defaults are the CPU demo: `tiny` preset, built-in demo corpus) plus a
 DeepSpeed JSON from `ds_configs/`. Batch sizes, clipping and precision live here and fill the JSON's
-`"auto"` values (alectra.training.ds_config), so each number has one source.
+`"auto"` values (alectra.training.ds_config), so each number has one source. The batch arithmetic
+(micro x grad-accum x data-parallel size = global) is `TrainSection.batch_sizes`, and nowhere else.
 
-    cfg = load_config("configs/electra_small_owt.yaml", ["--train.lr", "1e-3"])
+    cfg = load_config("configs/electra_small_owt.yaml", ["--train.lr", "1e-3"]).at_world_size(8)
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import inspect
+import math
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,10 +25,15 @@ from typing import Any
 
 import yaml
 
+from alectra.data import rules
+from alectra.optim import OPTIMIZERS, SCHEDULES
 from alectra.presets import PRESETS, ModelConfig, get_preset
+from alectra.storage.atomic import write_text_atomic
 
-OPTIMIZERS = ("adamw", "lamb")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEMO_GLOBAL_BATCH = 16
+"""Sequences per step when the config gives no global batch (the CPU demo), rounded up to a whole number
+of micro-batches over all ranks."""
 
 
 class ConfigError(ValueError):
@@ -32,6 +43,14 @@ class ConfigError(ValueError):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check(rule, *args, name: str) -> None:
+    """Run one of alectra.data.rules' checks on a config value; its ValueError becomes a ConfigError."""
+    try:
+        rule(*args, name=name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(kw_only=True)
@@ -80,20 +99,21 @@ class DataSection:
     """Tokenizer folder checked against the manifest; None = the manifest's own `tokenizer.name_or_path`."""
     max_seq_length: int = 64
     """Tokens per example, [CLS] and [SEP] included (the recipes: 128; the CPU demo: 64)."""
+    examples: str = "electra"
+    """"electra": google-research/electra's sentence packing; "line_pairs": the seed's ALECTRA-Small-OWT
+    examples, two lines of one document as segments A and B, each cut to (max_seq_length + 1) // 2 tokens."""
     valid_fraction: float = 0.01
-    """Fraction of documents held out for evaluation."""
+    """Fraction of each dataset's examples held out for evaluation (0 = none: set logging.eval_every 0)."""
     num_workers: int = 1
     """DataLoader worker processes per rank (0 = load in the training process)."""
 
     def __post_init__(self) -> None:
+        _check(rules.check_weights, self.weights, len(self.paths), name="data.weights")
+        _check(rules.check_max_seq_length, self.max_seq_length, name="data.max_seq_length")
+        _check(rules.check_valid_fraction, self.valid_fraction, name="data.valid_fraction")
         _require(
-            self.weights is None or len(self.weights) == len(self.paths),
-            f"data.weights: {len(self.weights or [])} weights for {len(self.paths)} paths; give one per path",
-        )
-        _require(self.weights is None or all(w > 0 for w in self.weights), "data.weights must all be > 0")
-        _require(self.max_seq_length >= 8, f"data.max_seq_length must be >= 8, got {self.max_seq_length}")
-        _require(
-            0 < self.valid_fraction < 1, f"data.valid_fraction must be in (0, 1), got {self.valid_fraction}"
+            self.examples in ("electra", "line_pairs"),
+            f"data.examples: unknown {self.examples!r}; choose electra or line_pairs",
         )
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(
@@ -108,17 +128,23 @@ class TrainSection:
 
     steps: int = 200
     """Optimizer steps of the whole run (the reference's num_train_steps)."""
-    global_batch_size: int = 16
-    """Sequences per optimizer step over all ranks = micro_batch_size x grad-accum x data-parallel size."""
-    micro_batch_size: int = 16
-    """Sequences per forward pass per rank; gradient accumulation = global / (micro x data-parallel size)."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks = micro_batch_size x grad-accum x data-parallel size;
+    null = 16 (the CPU demo), rounded up to a multiple of micro_batch_size x data-parallel size."""
+    micro_batch_size: int | None = None
+    """Sequences per forward pass per rank; null = global_batch_size / data-parallel size (no accumulation).
+    Gradient accumulation = global / (micro x data-parallel size). Runs at different world sizes give the same
+    losses only with the same micro_batch_size: masking and dropout seeds follow the micro-batch slots."""
     optimizer: str = "adamw"
     """"adamw" (torch's fused AdamW on GPU and CPU, DeepSpeedCPUAdam with CPU offload) or "lamb"
-    (per-tensor trust ratios, so only with ZeRO stage 0: ZeRO partitions flatten the tensors)."""
+    (pytorch-lamb's, the seed's: no bias correction, weight norm clamped at 10; ZeRO-1/2, fp32 or bf16)."""
     lr: float = 1e-3
     """Peak learning rate (ELECTRA-Small: 5e-4 at batch 128; ALECTRA-Small: 2e-3 at batch 512)."""
+    lr_schedule: str = "electra"
+    """"electra": linear decay to 0 times a linear warmup (google-research/electra); "linear": linear warmup
+    then linear decay to 0 (Hugging Face get_linear_schedule_with_warmup, the seed's)."""
     warmup_steps: int = 20
-    """Linear warmup steps; the warmup factor multiplies the linear decay (google-research/electra)."""
+    """Linear warmup steps (see lr_schedule)."""
     weight_decay: float = 0.01
     """Decoupled weight decay, not applied to LayerNorm weights and biases (reference)."""
     adam_beta1: float = 0.9
@@ -138,7 +164,8 @@ class TrainSection:
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "max_nonfinite_steps"):
-            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"train.{name} must be >= 1, got {value}")
         _require(
             self.optimizer in OPTIMIZERS,
             f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
@@ -146,6 +173,10 @@ class TrainSection:
         _require(
             self.precision in PRECISIONS,
             f"train.precision must be one of {PRECISIONS}, got {self.precision!r}",
+        )
+        _require(
+            self.lr_schedule in SCHEDULES,
+            f"train.lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}",
         )
         _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -159,11 +190,45 @@ class TrainSection:
             self.clip_grad_norm >= 0,
             f"train.clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}",
         )
+        self.batch_sizes(1)  # global / micro must be whole whatever the world size
+
+    def batch_sizes(self, dp_size: int) -> BatchSizes:
+        """The batch arithmetic at `dp_size` data-parallel ranks, null sizes derived (see the fields)."""
+        _require(dp_size >= 1, f"data-parallel size must be >= 1, got {dp_size}")
+        micro = self.micro_batch_size
+        if micro is None:
+            wanted = self.global_batch_size or DEMO_GLOBAL_BATCH
+            _require(
+                self.global_batch_size is None or wanted % dp_size == 0,
+                f"train.global_batch_size={wanted} cannot be split over {dp_size} data-parallel ranks; "
+                f"make it a multiple of {dp_size} or set train.micro_batch_size",
+            )
+            micro = math.ceil(wanted / dp_size)
+        per_step = micro * dp_size
+        total = self.global_batch_size or math.ceil(DEMO_GLOBAL_BATCH / per_step) * per_step
+        ranks = f" x data-parallel size={dp_size} (= {per_step})" if dp_size > 1 else ""
         _require(
-            self.global_batch_size % self.micro_batch_size == 0,
-            f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={self.micro_batch_size}",
+            total % per_step == 0,
+            f"train.global_batch_size={total} is not a multiple of train.micro_batch_size={micro}{ranks}; "
+            "change one of them so that micro x grad-accum x ranks = global",
         )
+        return BatchSizes(
+            global_batch_size=total, micro_batch_size=micro, grad_accum=total // per_step, dp_size=dp_size
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSizes:
+    """`TrainSection.batch_sizes`: global = micro x grad_accum x dp_size, all whole."""
+
+    global_batch_size: int
+    """Sequences per optimizer step over all ranks."""
+    micro_batch_size: int
+    """Sequences per forward pass per rank."""
+    grad_accum: int
+    """Micro-batches per rank per optimizer step."""
+    dp_size: int
+    """Data-parallel ranks."""
 
 
 @dataclass(kw_only=True)
@@ -240,6 +305,19 @@ class RunConfig:
             f"data.max_seq_length={self.data.max_seq_length} exceeds the model's "
             f"max_position_embeddings={max_positions}",
         )
+        _require(
+            self.data.valid_fraction > 0 or self.logging.eval_every == 0,
+            "data.valid_fraction=0 holds nothing out to evaluate; set logging.eval_every 0 or a fraction > 0",
+        )
+
+    def at_world_size(self, dp_size: int) -> RunConfig:
+        """This config with the batch sizes resolved for `dp_size` data-parallel ranks (no nulls left), as
+        a run at that size trains and records it."""
+        batch = self.train.batch_sizes(dp_size)
+        train = dataclasses.replace(
+            self.train, global_batch_size=batch.global_batch_size, micro_batch_size=batch.micro_batch_size
+        )
+        return dataclasses.replace(self, train=train)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -258,6 +336,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         (inner,) = [o for o in options if o is not type(None)]
         return _coerce(value, inner, where)
     if origin is list:
+        if isinstance(value, str) and typing.get_args(hint) == (str,):
+            value = [value]  # `--data.paths data/owt` means one path
         _require(isinstance(value, list), f"{where} must be a list, got {value!r}")
         (inner,) = typing.get_args(hint)
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -361,15 +441,78 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Inverse of config_to_dict (used to read a checkpoint's resolved config)."""
-    return _build(RunConfig, values, "")
-
-
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: every field as a documented `--section.field VALUE` option
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (read from its source: Python keeps none)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
+    return docs
+
+
+def _metavar(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [_metavar(h) for h in typing.get_args(hint) if h is not type(None)]
+        return "|".join([*inner, "null"])
+    names = {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR", list: "LIST", dict: "MAP"}
+    return names.get(typing.get_origin(hint) or hint, "VALUE")
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+class _Override(argparse.Action):
+    """Collects `--section.field VALUE` in command-line order; `parse_overrides` reads the values."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.overrides = [*namespace.overrides, option_string, values]
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """One documented option per RunConfig field, grouped by section (defaults shown: the CPU demo).
+
+    The values end up, in order, in `namespace.overrides` for `load_config`; options the parser does not
+    know (`--model.overrides.kernels torch`) are overrides too: pass `parse_known_args`' rest along."""
+    parser.set_defaults(overrides=[])
+    defaults = RunConfig()
+
+    def add(group: argparse._ArgumentGroup, cls: type, instance: Any, prefix: str) -> None:
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            default = _yaml_value(getattr(instance, f.name))
+            group.add_argument(
+                f"--{prefix}{f.name}",
+                action=_Override,
+                default=argparse.SUPPRESS,
+                metavar=_metavar(hints[f.name]),
+                help=f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%"),
+            )
+
+    top = parser.add_argument_group("run config (values are YAML; defaults: the CPU demo)")
+    add(top, RunConfig, defaults, "")
+    for f in dataclasses.fields(RunConfig):
+        section = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(section):
+            title = f"{f.name}: {inspect.getdoc(type(section)).rstrip('.')}"
+            add(parser.add_argument_group(title), type(section), section, f"{f.name}.")

@@ -35,6 +35,9 @@ import sys
 import zlib
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+from alectra.storage.atomic import write_text_atomic
 
 # Ports 20000-29999: below Linux's ephemeral range (32768+, net.ipv4.ip_local_port_range), so a
 # rendezvous port is not taken by some outgoing connection; it includes torch's default 29500.
@@ -43,7 +46,6 @@ _PORT_SPAN = 10000
 _DEFAULT_PORT = 29500  # torch.distributed / DeepSpeed default: RANK/WORLD_SIZE/MASTER_ADDR given, no port
 
 LAUNCHERS = ("torchrun", "deepspeed", "env", "mpi", "slurm", "single")
-_REQUIRED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -270,9 +272,7 @@ def write_hostfile(hosts: Sequence[str], slots: int, path: str | os.PathLike) ->
     path = Path(path)
     text = format_hostfile(hosts, slots)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path
 
 
@@ -459,6 +459,30 @@ def init_distributed_env(environ: MutableMapping[str, str] | None = None) -> Dis
     for name, value in dist_env.as_environ().items():
         environ.setdefault(name, value)
     return dist_env
+
+
+_T = TypeVar("_T")
+
+
+def run_on_rank0(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T | None:
+    """Run `fn` on rank 0 of the initialised process group while the others wait; rank 0 gets the result,
+    the others None. A failure on rank 0 is raised on every rank (its own exception there, a RuntimeError
+    naming it elsewhere), so no rank is left waiting."""
+    import torch.distributed
+
+    result, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # raised below, after the others learned of it
+            error = exc
+    box = [None if error is None else f"{type(error).__name__}: {error}"]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {box[0]}")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -47,9 +47,9 @@ def baseline_build(corpus: str, tokenizer: str, out: str) -> None:
     """Megatron-style: per document, split into sentences, one tokenizer call per sentence."""
     import numpy as np
 
-    from alectra.data.indexed import IndexedDatasetWriter, token_dtype
+    from alectra.storage.indexed import IndexedDatasetWriter, token_dtype
+    from alectra.storage.tokenizer import load_tokenizer
     from data_prep.sentences import split_sentences
-    from data_prep.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def run(cmd: list[str]) -> tuple[float, float, float]:
 
 
 def total_tokens(folder: Path) -> int:
-    from alectra.data.indexed import IndexedDataset
+    from alectra.storage.indexed import IndexedDataset
 
     return sum(IndexedDataset(p.with_suffix("")).num_tokens for p in sorted(folder.glob("*.idx")))
 
@@ -90,7 +90,7 @@ def total_tokens(folder: Path) -> int:
 def concat_tokens(folder: Path):
     import numpy as np
 
-    from alectra.data.indexed import IndexedDataset
+    from alectra.storage.indexed import IndexedDataset
 
     return np.concatenate([IndexedDataset(p.with_suffix("")).tokens for p in sorted(folder.glob("*.idx"))])
 

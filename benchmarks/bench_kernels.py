@@ -19,14 +19,29 @@ backward, measured in this process side by side:
   rescale.
 - copy: `dst.copy_(src)` of 1 GiB, read + write bytes: the practical bandwidth ceiling of the card.
 
-On a machine without CUDA the script says so and exits 0; the static compile figures (registers, spills,
+Sampling is timed with an int64 seed tensor on the GPU and a `valid` mask (ELECTRA's padded slots), the form a
+compiled training step uses; the check also covers `valid`.
+
+On a machine without CUDA the timing part says so and exits 0; the static compile figures (registers, spills,
 shared memory for sm_80/sm_90) come from `python -m kernels.compile_check` instead.
+
+    python benchmarks/bench_kernels.py --count-ops     # any machine: dispatched ops per eager call
+
+`--count-ops` counts, with a `TorchDispatchMode`, the ops one eager call of each op dispatches (forward, then
+backward; views, `detach` and `empty*` left out, as in issue 12's table) and, separately, what runs inside the
+custom op: aten ops and Triton launches of the launch functions. On CPU it runs the kernels in the Triton
+interpreter (it sets TRITON_INTERPRET=1 before importing them) and leaves out the interpreter's own tensor
+copies inside a launch; the counts do not depend on the shapes.
 """
 
 import argparse
+import collections
+import contextlib
+import os
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VOCAB = 30522
@@ -55,7 +70,7 @@ def fwd_bwd(fn, logits, *args, **kwargs):
     return run
 
 
-def eager_sampling_baseline(logits, targets, *, seed, temperature=1.0):
+def eager_sampling_baseline(logits, targets, *, seed: int, temperature=1.0):
     """Plain PyTorch: CE with autograd, Gumbel-max with torch.rand noise (materialised in fp32)."""
     loss = torch.nn.functional.cross_entropy(logits.float(), targets)
     with torch.no_grad():
@@ -101,16 +116,26 @@ def check_rtd(logits, labels, mask) -> str:
     return f"ok (grad max diff {float((grad - ref_grad).abs().max()):.1e})"
 
 
+def sampling_valid(rows: int, device) -> torch.Tensor:
+    """(M,) bool: 90 % of the slots real, as with ELECTRA's padded masked positions (fixed pattern)."""
+    return torch.arange(rows, device=device) % 10 != 9
+
+
+def device_seed(value: int, device) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
 def check_sampling(logits, targets) -> str:
     """Ours vs the bit-exact-noise reference: loss, argmax count, gradient, samples; raises on a mismatch."""
     from kernels.sampling import sample_and_cross_entropy, sample_and_cross_entropy_reference
 
+    valid = sampling_valid(logits.shape[0], logits.device)
     results = []
     for fn in (sample_and_cross_entropy, sample_and_cross_entropy_reference):
         leaf = logits.detach().requires_grad_(True)
-        loss, samples, n_correct = fn(leaf, targets, seed=7)
+        loss, samples, n_correct = fn(leaf, targets, seed=device_seed(7, logits.device), valid=valid)
         loss.backward()
-        results.append((loss.float(), samples, n_correct, leaf.grad.float() * logits.shape[0]))
+        results.append((loss.float(), samples, n_correct, leaf.grad.float() * valid.sum()))
     (loss, samples, correct, grad), (ref_loss, ref_samples, ref_correct, ref_grad) = results
     tol = TOLERANCE[logits.dtype]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -164,8 +189,9 @@ def bench_sampling(do_bench, dtype, copy_gbs) -> list[str]:
         logits = torch.randn(m, VOCAB, device=DEVICE, dtype=dtype)
         targets = torch.randint(0, VOCAB, (m,), device=DEVICE)
         checked = check_sampling(logits, targets)
-        ours = do_bench(fwd_bwd(sample_and_cross_entropy, logits, targets, seed=1))
-        ref = do_bench(fwd_bwd(sample_and_cross_entropy_reference, logits, targets, seed=1))
+        kwargs = {"seed": device_seed(1, DEVICE), "valid": sampling_valid(m, DEVICE)}
+        ours = do_bench(fwd_bwd(sample_and_cross_entropy, logits, targets, **kwargs))
+        ref = do_bench(fwd_bwd(sample_and_cross_entropy_reference, logits, targets, **kwargs))
         eager = do_bench(fwd_bwd(eager_sampling_baseline, logits, targets, seed=1))
         gbs = sampling_bytes(logits) / ours / 1e6
         rows.append(
@@ -203,13 +229,16 @@ def sweep(do_bench, dtype, copy_gbs) -> list[str]:
     m = SWEEP_M
     logits = torch.randn(m, VOCAB, device=DEVICE, dtype=dtype)
     targets = torch.randint(0, VOCAB, (m,), device=DEVICE)
+    seed = device_seed(1, DEVICE)
+    valid = sampling_valid(m, DEVICE)
     for block_v, warps in SAMPLING_CONFIGS:
 
         def sampling_run(block_v=block_v, warps=warps):
             _, _, _, grad = sample_and_cross_entropy_forward(
                 logits,
                 targets,
-                seed=1,
+                seed,
+                valid,
                 temperature=1.0,
                 positions=None,
                 disc_input_ids=None,
@@ -228,6 +257,156 @@ def sweep(do_bench, dtype, copy_gbs) -> list[str]:
     return rows
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts, while active, the ops dispatched at the top (a custom op is one) in `dispatched`, and the
+    device work in `device`: aten ops wherever they run, inside the alectra custom ops too, plus the Triton
+    launches of the kernels given to `launches_of`. Views, detach and empty* are left out of both."""
+
+    def __init__(self):
+        super().__init__()
+        self.dispatched = collections.Counter()
+        self.device = collections.Counter()
+        self.custom_op_depth = 0
+        self.launch_depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.name()
+        counted = not (self.launch_depth or func.is_view or "empty" in name or "detach" in name)
+        if counted and not self.custom_op_depth:
+            self.dispatched[name] += 1
+        if func.namespace == "alectra":
+            # Run the op's Python implementation with this mode active again, so the ops it dispatches are
+            # seen (a mode is switched off while its handler runs). OPDEFS: torch's registry of custom_op.
+            self.custom_op_depth += 1
+            try:
+                with self:
+                    return torch._library.custom_ops.OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            finally:
+                self.custom_op_depth -= 1
+        if counted:
+            self.device[name] += 1
+        return func(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def launches_of(self, *kernels):
+        """Count each launch of these @triton.jit kernels as device work, and nothing dispatched inside it
+        (the interpreter copies tensors through numpy; a GPU launch dispatches nothing)."""
+
+        def counted(name, run):
+            def launch(*args, **kwargs):
+                self.device[f"triton:{name}"] += 1
+                self.launch_depth += 1
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    self.launch_depth -= 1
+
+            return launch
+
+        for kernel in kernels:
+            kernel.run = counted(kernel.__name__.strip("_"), kernel.run)
+        try:
+            yield self
+        finally:
+            for kernel in kernels:
+                del kernel.run  # back to the class's run
+
+
+def project_kernels() -> tuple:
+    """Every @triton.jit kernel the ops launch, for `OpCounter.launches_of`."""
+    from kernels import rtd_loss as rtd
+    from kernels import sampling
+
+    return (
+        sampling._sample_ce_fwd_kernel,
+        sampling._sample_ce_finish_kernel,
+        rtd._rtd_loss_fwd_kernel,
+        rtd._rtd_loss_finish_kernel,
+        rtd._rtd_loss_bwd_kernel,
+    )
+
+
+def count_ops(device) -> list[str]:
+    """Table rows: dispatched ops and device work of one eager call of each op, forward and backward."""
+    from kernels import rtd_loss as rtd
+    from kernels import sampling
+
+    kernels = project_kernels()
+    gen = torch.Generator().manual_seed(0)
+    batch, seq, slots, vocab = 2, 32, 5, 128  # M = 2 x 5 slots: the counts do not depend on the shapes
+    rows, tokens = batch * slots, batch * seq
+    logits = torch.randn(rows, vocab, generator=gen).to(device)
+    targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+    positions = torch.randperm(tokens, generator=gen)[:rows].to(device)
+    valid = sampling_valid(rows, device)
+    disc_logits = torch.randn(tokens, generator=gen).to(device)
+    labels = torch.rand(tokens, generator=gen).to(device) < 0.15
+    mask = torch.rand(tokens, generator=gen).to(device) < 0.9
+
+    def sampler(noise, seed, with_valid):
+        """noise None: the Triton path; seed: an int, or a tensor made before counting (as a step would)."""
+        fn = sampling.sample_and_cross_entropy
+        kwargs = {"valid": valid} if with_valid else {}
+        if noise is not None:
+            fn, kwargs["noise"] = sampling.sample_and_cross_entropy_reference, noise
+        seed = device_seed(5, device) if seed == "tensor" else 5
+
+        def make(leaf):
+            ids = torch.zeros(tokens, dtype=torch.int64, device=device)
+            replaced = torch.zeros(tokens, dtype=torch.int64, device=device)
+            return lambda: fn(
+                leaf,
+                targets,
+                seed=seed,
+                positions=positions,
+                disc_input_ids=ids,
+                replaced_labels=replaced,
+                **kwargs,
+            )
+
+        return logits, make
+
+    def rtd_call(use_triton):
+        return disc_logits, lambda leaf: lambda: rtd.rtd_loss(leaf, labels, mask, use_triton=use_triton)
+
+    cases = {
+        "sample_and_cross_entropy Triton, int seed, valid=None (the model today)": sampler(
+            None, "int", False
+        ),
+        "sample_and_cross_entropy Triton, seed tensor + valid": sampler(None, "tensor", True),
+        "rtd_loss Triton": rtd_call(True),
+        "reference inverse_cdf, int seed, valid=None (the model on CPU today)": sampler(
+            "inverse_cdf", "int", False
+        ),
+        "reference inverse_cdf, seed tensor + valid": sampler("inverse_cdf", "tensor", True),
+        "reference philox, seed tensor + valid": sampler("philox", "tensor", True),
+        "rtd_loss_reference": rtd_call(False),
+    }
+    out = []
+    for name, (inputs, make) in cases.items():
+        leaf = inputs.detach().requires_grad_(True)
+        make(leaf)()[0].backward()  # warm-up: kernels compiled (or interpreted) once
+        leaf.grad = None
+        call = make(leaf)
+        one = torch.ones((), device=device)
+        with OpCounter() as forward, forward.launches_of(*kernels):
+            loss = call()[0]
+        with OpCounter() as backward, backward.launches_of(*kernels):
+            loss.backward(one)
+        out.append(
+            f"| {name} | {sum(forward.dispatched.values())} | {sum(forward.device.values())} | "
+            f"{sum(backward.dispatched.values())} | {sum(backward.device.values())} | "
+            f"{_op_summary(forward.device)} / {_op_summary(backward.device)} |"
+        )
+    return out
+
+
+def _op_summary(ops: collections.Counter) -> str:
+    names = ((name.removeprefix("aten::"), n) for name, n in ops.most_common())
+    return ", ".join(f"{name} x{n}" if n > 1 else name for name, n in names)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
@@ -240,7 +419,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sweep", action="store_true", help="also time other launch configurations at the largest shapes"
     )
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count the ops one eager call of each op dispatches (any machine; CPU runs the interpreter)",
+    )
     args = parser.parse_args(argv)
+    if args.count_ops:
+        device = torch.device(DEVICE if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu" and "triton" not in sys.modules:
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels (and triton) are imported
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, Triton interpreter"
+        print(f"device: {name}; views, detach and empty* not counted")
+        print(
+            "| call | forward: dispatched | forward: device ops | backward: dispatched "
+            "| backward: device ops | device ops (forward / backward) |"
+        )
+        print("|---|---|---|---|---|---|")
+        for row in count_ops(device):
+            print(row, flush=True)
+        return 0
     if not torch.cuda.is_available():
         print(
             "bench_kernels.py needs a CUDA GPU and found none; nothing timed. Static compile figures "

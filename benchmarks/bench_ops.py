@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -271,15 +272,25 @@ def _phased(counter: OpCounter, phase: str, fn):
     return run
 
 
-def resolved_ds_config(cfg, ds_path: Path, precision: str) -> dict:
-    """The JSON as build_trainer resolves it; bf16 then forced on (resolve_ds_config turns it off on CPU)."""
-    from alectra.training.build import _hardware
-    from alectra.training.ds_config import load_ds_json, resolve_ds_config
+def resolved_plan(cfg, ds_path: Path, precision: str):
+    """The DeepSpeedPlan as pretrain.py resolves it; bf16 then forced on (resolve_ds_config turns it off on
+    a CPU)."""
+    from alectra.training.ds_config import detect_hardware, load_ds_json, resolve_ds_config
 
-    ds_config = resolve_ds_config(load_ds_json(ds_path), cfg, _hardware(torch.distributed.get_world_size()))
-    ds_config["bf16"] = {"enabled": precision == "bf16"}
-    ds_config["fp16"] = {"enabled": False}
-    return ds_config
+    world = torch.distributed.get_world_size()
+    plan = resolve_ds_config(load_ds_json(ds_path), cfg, detect_hardware(), world)
+    plan.config["bf16"] = {"enabled": precision == "bf16"}
+    plan.config["fp16"] = {"enabled": False}
+    return dataclasses.replace(plan, precision=precision)
+
+
+def init_process_group() -> None:
+    """A process group as pretrain.py joins it (one rank unless launched by torchrun)."""
+    from alectra.distributed import init_distributed_env
+    from alectra.training.build import init_process_group
+
+    init_distributed_env()
+    init_process_group()
 
 
 @contextlib.contextmanager
@@ -293,8 +304,10 @@ def engine_stepper(args, preset: str, ds_path: Path, precision: str, phases) -> 
 
     with tempfile.TemporaryDirectory() as out:
         cfg = run_config(args, preset, out)
-        ds_config = resolved_ds_config(cfg, ds_path, precision)
-        engine = build_engine(build_model(cfg, torch.device("cpu")), cfg, ds_config)
+        plan = resolved_plan(cfg, ds_path, precision)
+        engine = build_engine(
+            build_model(cfg, torch.device("cpu")), cfg, plan.config, offload=plan.offload_optimizer
+        )
         reporter = MetricsReporter(
             engine=engine,
             is_rank0=False,
@@ -314,7 +327,7 @@ def engine_stepper(args, preset: str, ds_path: Path, precision: str, phases) -> 
             state=TrainState(),
             checkpointer=Checkpointer(Path(out) / "checkpoints", every=10**9, keep_last=1, zero_stage=0),
             reporter=reporter,
-            grad_accum=1,
+            plan=plan,
             export=None,
             last_checkpoint=None,
         )
@@ -342,9 +355,8 @@ BARE = {"fp32": "bare", "autocast": "bare (autocast)", "bf16": "bare (bf16 weigh
 def bare_stepper(args, preset: str, kind: str, phases):
     """A function running one step of the bare loop (same model, fused AdamW + clip_grad_norm_; `kind` one
     of BARE), its phases reported to `phases.in_phase`."""
-    from alectra.masking import derive_seed, step_seed
+    from alectra.seeds import Stream, derive_seed, step_seed
     from alectra.training.optim import build_optimizer, build_scheduler
-    from alectra.training.trainer import DROPOUT_STREAM
 
     with tempfile.TemporaryDirectory() as out:
         cfg = run_config(args, preset, out)
@@ -363,7 +375,7 @@ def bare_stepper(args, preset: str, kind: str, phases):
             on_device = {k: v.to("cpu", non_blocking=True) for k, v in batch.items()}
         with phases.in_phase("forward"):
             seed = step_seed(cfg.train.seed, next(steps), 0)
-            torch.manual_seed(derive_seed(seed, DROPOUT_STREAM))
+            torch.manual_seed(derive_seed(seed, Stream.DROPOUT))
             with autocast:
                 ids, mask, types = (on_device[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
                 out = model(ids, mask, types, seed=seed)
@@ -484,10 +496,8 @@ def _from_json(text: str) -> Counts:
 
 def worker(args) -> None:
     """One measurement in this process: `args.worker` is a BARE kind or a ds_configs/ name."""
-    from alectra.training.build import init_distributed
-
     logging.getLogger("alectra.training.ds_config").setLevel(logging.ERROR)  # "bf16 disabled": forced back on
-    init_distributed()
+    init_process_group()
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)

@@ -3,7 +3,7 @@ and CSV monitor every step) against a bare loop that trains on the SAME batches 
 side, alternating, each in its own subprocess.
 
 The bare loop draws its batches through the project's own pipeline with the engine's run config
-(`alectra.training.build.pretraining_datasets` + `build_dataloader`: same dataset, seed, sample order and
+(`alectra.training.data.pretraining_datasets` + `build_dataloader`: same dataset, seed, sample order and
 micro-batch), builds
 the same `ElectraPretrainingModel` (same init seed) and the same torch AdamW (`build_optimizer`: parameter
 groups, betas, eps, weight decay), LR schedule and clipping norm, and seeds masking/sampling/dropout per step
@@ -68,16 +68,14 @@ def bare_worker(overrides: list[str]) -> dict:
 
     from alectra.config import load_config
     from alectra.data import build_dataloader
-    from alectra.masking import derive_seed, step_seed
     from alectra.model import ElectraPretrainingModel
-    from alectra.training.build import load_and_check_tokenizer, pretraining_datasets
+    from alectra.seeds import Stream, derive_seed, step_seed
+    from alectra.training.data import open_run_data, pretraining_datasets
     from alectra.training.optim import build_optimizer, build_scheduler
-    from alectra.training.trainer import DROPOUT_STREAM
 
-    cfg = load_config(None, overrides)
-    paths = [cfg.data.demo_dir]
-    _, manifest = load_and_check_tokenizer(cfg, paths)
-    train_ds, _ = pretraining_datasets(cfg, paths)  # the engine's samples, in the engine's order
+    cfg = load_config(None, overrides).at_world_size(1)
+    data = open_run_data(cfg, [cfg.data.demo_dir])
+    train_ds, _ = pretraining_datasets(cfg, data.paths)  # the engine's samples, in the engine's order
     loader = build_dataloader(
         train_ds,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -91,9 +89,7 @@ def bare_worker(overrides: list[str]) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # the engine's initial weights
     model = ElectraPretrainingModel(
-        cfg.model.model_config(),
-        vocab_size=int(manifest["tokenizer"]["vocab_size"]),
-        special_token_ids=manifest["tokenizer"]["special_tokens"],
+        cfg.model.model_config(), vocab_size=data.vocab_size, special_token_ids=data.special_token_ids
     )
     model.train()
     optimizer = build_optimizer(model, cfg.train, offload=False)
@@ -102,7 +98,7 @@ def bare_worker(overrides: list[str]) -> dict:
     for step, batch in enumerate(batches):
         start, start_cpu = time.perf_counter(), time.process_time()
         seed = step_seed(cfg.train.seed, step, 0)  # trainer: (seed, step, micro * dp_size + rank)
-        torch.manual_seed(derive_seed(seed, DROPOUT_STREAM))
+        torch.manual_seed(derive_seed(seed, Stream.DROPOUT))
         out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seed)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()

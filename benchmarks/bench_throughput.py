@@ -48,11 +48,11 @@ def build_bench_data(out: Path, vocab_size: int) -> Path:
         return out
     from transformers import BertTokenizerFast
 
-    from alectra.data.manifest import write_json_atomic
+    from alectra.storage.atomic import write_json_atomic
+    from alectra.storage.tokenizer import load_tokenizer
     from data_prep import prepare_demo
     from data_prep.build import BuildConfig, build
     from data_prep.sources import DemoSource
-    from data_prep.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         demo = prepare_demo(Path(tmp) / "demo")  # trains the demo WordPiece vocabulary (8,192 pieces)

@@ -218,7 +218,7 @@ def export_discriminator(source: pathlib.Path, out: pathlib.Path) -> pathlib.Pat
 
 def save_beside(model, source: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     """`model` saved to `out` (atomically) with `source`'s tokenizer and other non-weight files."""
-    from alectra.model import write_dir_atomically
+    from alectra.storage.atomic import write_dir_atomically
 
     extra = [
         f

@@ -46,8 +46,8 @@ def main() -> None:
     from bench_pretrain import cli_overrides
     from bench_throughput import build_bench_data
 
-    from alectra.config import load_config
-    from alectra.training import build_trainer
+    from alectra.pretrain import check
+    from alectra.training import build
 
     build_bench_data(Path(args.data_dir), 30522)
     out = tempfile.mkdtemp()
@@ -63,8 +63,9 @@ def main() -> None:
         "logging.progress_bar": "false",
         "logging.tensorboard": "false",
     }
-    cfg = load_config(None, cli_overrides(overrides))
-    trainer = build_trainer(cfg, args.deepspeed)
+    cfg, plan, data = check(None, cli_overrides(overrides), args.deepspeed)
+    build.init_process_group()
+    trainer = build.build_trainer(cfg, plan, data)
     engine = trainer.engine
     cuda = (
         engine.device.type == "cuda"

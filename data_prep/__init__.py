@@ -57,7 +57,7 @@ def prepare_demo(
     result = build(cfg, DemoSource(max_documents=max_documents))
     assert result is not None  # a single-process build always completes
     result["demo"] = demo_args
-    from alectra.data.manifest import write_json_atomic
+    from alectra.storage.atomic import write_json_atomic
 
     write_json_atomic(manifest, result)
     return out

@@ -8,6 +8,7 @@ exists (written after the ``.bin``/``.idx`` renames); a rerun skips complete sha
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import os
@@ -19,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from alectra.data.indexed import IndexedDatasetWriter, token_dtype
-from alectra.data.manifest import FORMAT, MANIFEST_NAME, tokenizer_info, write_json_atomic
+from alectra.storage.atomic import temporary_owner, write_json_atomic
+from alectra.storage.indexed import IndexedDatasetWriter, token_dtype
+from alectra.storage.manifest import FORMAT, MANIFEST_NAME, tokenizer_info
+from alectra.storage.tokenizer import load_tokenizer
 from data_prep.errors import DataPrepError
+from data_prep.locking import BuildLock, die_with_parent, process_alive
 from data_prep.sentences import SPLIT_MODES, split_sentences
 from data_prep.sources import Chunk, Source
 
@@ -77,9 +81,9 @@ def shard_prefix(k: int) -> str:
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer_name: str, split_mode: str, dtype: str) -> None:
-    from data_prep.tokenizer import load_tokenizer
-
+def _init_worker(tokenizer_name: str, split_mode: str, dtype: str, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:  # a pool worker: never outlive (and keep writing after) a killed build
+        die_with_parent(parent_pid)
     _worker_state.update(
         backend=load_tokenizer(tokenizer_name).backend_tokenizer, split=split_mode, dtype=np.dtype(dtype)
     )
@@ -162,20 +166,28 @@ def _fingerprint(cfg: BuildConfig, tok_info: dict, source: Source, dtype: np.dty
     }
 
 
-def _check_output_dir(out: Path, fingerprint: dict) -> None:
-    """Refuse to mix shards of different tokenizers/settings in one folder."""
+def _check_output_dir(out: Path, fingerprint: dict, *, may_reset: bool) -> None:
+    """Refuse to mix shards of different tokenizers/settings in one folder.
+
+    A folder whose earlier build failed before finishing any non-empty shard (bad input, an empty corpus)
+    holds nothing worth keeping: with ``may_reset`` (no other build can be writing) its claim is dropped, so
+    the corrected command is accepted.
+    """
     import json
 
     build_json = out / "build.json"
     if build_json.is_file():
         old = json.loads(build_json.read_text())
+        diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
+        if diff and may_reset and _holds_nothing(out):
+            _reset(out)
+            return
         if old.get("vocab_sha256") != fingerprint["vocab_sha256"]:
             raise DataPrepError(
                 f"{out}: holds shards built with another tokenizer "
                 f"(vocab sha256 {old.get('vocab_sha256', '?')[:12]}, "
                 f"now {fingerprint['vocab_sha256'][:12]}); use a new --output-dir or delete this one"
             )
-        diff = [k for k in fingerprint if old.get(k) != fingerprint[k]]
         if diff:
             raise DataPrepError(
                 f"{out}: holds shards built with other settings ({', '.join(diff)} differ); "
@@ -187,26 +199,54 @@ def _check_output_dir(out: Path, fingerprint: dict) -> None:
         )
 
 
-def _claim_output_dir(out: Path, fingerprint: dict, tokenizer_name: str, rank: int, comm) -> None:
-    """Check the output folder and record this build in ``build.json``.
+def _holds_nothing(out: Path) -> bool:
+    """No manifest and no finished shard with a document in it."""
+    import json
 
-    Under MPI only rank 0 checks and writes, then tells the others: were every rank to check on its own,
-    a rank that looks after rank 0 wrote its first shard but before ``build.json`` exists would take the
-    folder for a foreign build (and the ranks that did not fail would wait for it forever).
+    if (out / MANIFEST_NAME).is_file():
+        return False
+    return all(json.loads(r.read_text()).get("documents", 0) == 0 for r in out.glob("shard_*.json"))
+
+
+def _reset(out: Path) -> None:
+    """Delete a failed build's leftovers (empty or unfinished shards, parts, the claim)."""
+    for pattern in ("shard_*", "part_*_of_*.json", "build.json"):
+        for p in out.glob(pattern):
+            p.unlink(missing_ok=True)
+
+
+def _claim_output_dir(
+    out: Path, fingerprint: dict, cfg: BuildConfig, world: int, rank: int, comm
+) -> contextlib.AbstractContextManager:
+    """Lock the output folder (`BuildLock`), check it, clean it and record this build in ``build.json``.
+
+    Under MPI only rank 0 locks, checks and writes, for the whole world, then tells the others: were every
+    rank to check on its own, a rank that looks after rank 0 wrote its first shard but before ``build.json``
+    exists would take the folder for a foreign build (and the ranks that did not fail would wait for it
+    forever). Rank 0 also removes the dead writers' temporary files of the world's shards before any rank
+    starts writing.
     """
-    error = None
+    error, lock = None, None
     if rank == 0:
         try:
-            _check_output_dir(out, fingerprint)
+            lock = BuildLock.acquire(out, num_shards=cfg.num_shards, shard_index=cfg.shard_index)
+            _check_output_dir(out, fingerprint, may_reset=lock.exclusive)
+            n_jobs = cfg.num_shards * world
+            _remove_dead_temporaries(
+                out, lambda k: (k % n_jobs) // world == cfg.shard_index, others=cfg.num_shards == 1
+            )
             if not (out / "build.json").is_file():
                 # tokenizer name kept apart: the same vocabulary from another path may resume the build
-                write_json_atomic(out / "build.json", {**fingerprint, "tokenizer_name": tokenizer_name})
+                write_json_atomic(out / "build.json", {**fingerprint, "tokenizer_name": cfg.tokenizer})
         except DataPrepError as exc:
+            if lock is not None:
+                lock.release()
             error = str(exc)
     if comm is not None:
         error = comm.bcast(error, root=0)
     if error is not None:
         raise DataPrepError(error)
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 def _complete(out: Path, k: int, fingerprint: dict) -> dict | None:
@@ -225,12 +265,20 @@ def _complete(out: Path, k: int, fingerprint: dict) -> dict | None:
     return rec
 
 
-def _remove_partial_files(out: Path, n_jobs: int, job: int) -> None:
-    """Delete this job's temporary files left by a worker stopped mid-shard (other jobs' are theirs)."""
-    for tmp in out.glob("shard_*.tmp"):
-        k = int(tmp.name.split("_")[1].split(".")[0])
-        if k % n_jobs == job:
-            tmp.unlink(missing_ok=True)
+def _remove_dead_temporaries(out: Path, shard_wanted, *, others: bool = False) -> None:
+    """Delete temporary files whose writer is dead: those of shards ``shard_wanted(k)`` and, with ``others``
+    (whole-folder build, folder locked), any other. A live writer's file is never touched; its pid is in
+    the name (`alectra.storage.atomic.temporary_path`)."""
+    for tmp in out.iterdir():
+        owner = temporary_owner(tmp.name)
+        if owner is None or process_alive(owner):
+            continue
+        if tmp.name.startswith(".shard_"):
+            if not shard_wanted(int(tmp.name[len(".shard_") :].split(".")[0])):
+                continue
+        elif not others:
+            continue
+        tmp.unlink(missing_ok=True)
 
 
 def _mpi_rank_world() -> tuple[int, int, object | None]:
@@ -245,7 +293,6 @@ def _mpi_rank_world() -> tuple[int, int, object | None]:
 
 def build(cfg: BuildConfig, source: Source) -> dict | None:
     """Run (or resume) a build; returns the manifest once every shard exists, else ``None``."""
-    from data_prep.tokenizer import load_tokenizer
 
     rank, world, comm = _mpi_rank_world()
     n_jobs, job = cfg.num_shards * world, cfg.shard_index * world + rank
@@ -255,63 +302,66 @@ def build(cfg: BuildConfig, source: Source) -> dict | None:
     fingerprint = _fingerprint(cfg, tok_info, source, dtype)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    _claim_output_dir(out, fingerprint, cfg.tokenizer, rank, comm)
+    with _claim_output_dir(out, fingerprint, cfg, world, rank, comm):  # released when the build ends
+        records: dict[int, dict] = {}
+        total_bytes = source.total_bytes()
+        # rank 0 sees only its own share of the input: size the bar (and ETA) to that share
+        bar = _progress(cfg.progress and rank == 0, None if total_bytes is None else total_bytes // n_jobs)
+        started = time.perf_counter()
+        record_extra = {"vocab_sha256": fingerprint["vocab_sha256"]}
+        pool = None
+        if cfg.workers > 1:
+            # fork: workers inherit nothing big; each loads its own tokenizer once (initializer).
+            pool = mp.get_context("fork").Pool(
+                cfg.workers, _init_worker, (cfg.tokenizer, cfg.sentence_split, dtype.name, os.getpid())
+            )
+        else:
+            _init_worker(cfg.tokenizer, cfg.sentence_split, dtype.name)
+        pending: deque = deque()
 
-    records: dict[int, dict] = {}
-    total_bytes = source.total_bytes()
-    # rank 0 sees only its own share of the input: size the bar (and ETA) to that share
-    bar = _progress(cfg.progress and rank == 0, None if total_bytes is None else total_bytes // n_jobs)
-    started = time.perf_counter()
-    record_extra = {"vocab_sha256": fingerprint["vocab_sha256"]}
-    pool = None
-    if cfg.workers > 1:
-        # fork: workers inherit nothing big; each loads its own tokenizer once (initializer).
-        pool = mp.get_context("fork").Pool(
-            cfg.workers, _init_worker, (cfg.tokenizer, cfg.sentence_split, dtype.name)
-        )
-    else:
-        _init_worker(cfg.tokenizer, cfg.sentence_split, dtype.name)
-    pending: deque = deque()
+        def collect(rec: dict) -> None:
+            records[rec["index"]] = rec
+            bar.update(rec)
 
-    def collect(rec: dict) -> None:
-        records[rec["index"]] = rec
-        bar.update(rec)
-
-    n_chunks = 0
-    try:
-        for chunk in source.chunks(cfg.docs_per_shard, lambda k: k % n_jobs == job):
-            n_chunks = chunk.index + 1
-            if chunk.documents is None:
-                continue
-            done = _complete(out, chunk.index, fingerprint)
-            if done is not None:
-                collect(done)
-                continue
-            if pool is None:
-                collect(_write_shard(str(out), chunk, record_extra))
-                continue
-            pending.append(pool.apply_async(_write_shard, (str(out), chunk, record_extra)))
-            while len(pending) > cfg.workers:  # bound memory: one chunk per worker plus one queued
+        n_chunks = 0
+        try:
+            for chunk in source.chunks(cfg.docs_per_shard, lambda k: k % n_jobs == job):
+                n_chunks = chunk.index + 1
+                if chunk.documents is None:
+                    continue
+                done = _complete(out, chunk.index, fingerprint)
+                if done is not None:
+                    collect(done)
+                    continue
+                if pool is None:
+                    collect(_write_shard(str(out), chunk, record_extra))
+                    continue
+                pending.append(pool.apply_async(_write_shard, (str(out), chunk, record_extra)))
+                while len(pending) > cfg.workers:  # bound memory: one chunk per worker plus one queued
+                    collect(pending.popleft().get())
+            while pending:
                 collect(pending.popleft().get())
-        while pending:
-            collect(pending.popleft().get())
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        bar.close()
-        _remove_partial_files(out, n_jobs, job)
-    elapsed = time.perf_counter() - started
-    write_json_atomic(out / f"part_{job:05d}_of_{n_jobs:05d}.json", {"num_chunks": n_chunks, "jobs": n_jobs})
-    if comm is not None:
-        gathered = comm.gather(list(records.values()), root=0)  # also the barrier before the manifest
-        if rank != 0:
-            return None
-        records = {r["index"]: r for part in gathered for r in part}
-    manifest = merge(out, command=cfg.command, quiet=True)
-    who = "" if manifest is not None else f" by job {job} of {n_jobs}"
-    _print_summary(records.values(), elapsed, who, file=sys.stderr)
-    return manifest
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            bar.close()
+            _remove_dead_temporaries(out, lambda k: k % n_jobs == job)  # e.g. of the workers just terminated
+        if n_chunks == 0:
+            raise DataPrepError(f"no documents in {source.describe()}; check the input")
+        elapsed = time.perf_counter() - started
+        skipped = source.binary_files_skipped
+        job_part = {"num_chunks": n_chunks, "jobs": n_jobs, "binary_files_skipped": skipped}
+        write_json_atomic(out / f"part_{job:05d}_of_{n_jobs:05d}.json", job_part)
+        if comm is not None:
+            gathered = comm.gather(list(records.values()), root=0)  # also the barrier before the manifest
+            if rank != 0:
+                return None
+            records = {r["index"]: r for part in gathered for r in part}
+        manifest = merge(out, command=cfg.command, quiet=True)
+        who = "" if manifest is not None else f" by job {job} of {n_jobs}"
+        _print_summary(records.values(), skipped, elapsed, who, file=sys.stderr)
+        return manifest
 
 
 def merge(
@@ -348,6 +398,14 @@ def merge(
                 f"{out}: shard {shard_prefix(k)} is missing or incomplete; rerun the build to finish it"
             )
         shards.append(rec)
+    stats = _totals(shards)
+    if stats["documents"] == 0:
+        raise DataPrepError(
+            f"no documents in {fingerprint['source']}: {stats['input_documents']} input document(s), "
+            "all empty; check the input (or --json-key)"
+        )
+    # every job reads the whole input, so each part saw the same binary files
+    stats["binary_files_skipped"] = max(int(p.get("binary_files_skipped", 0)) for p in part_info)
     if not command and (out / MANIFEST_NAME).is_file():
         command = json.loads((out / MANIFEST_NAME).read_text()).get("command", "")
     tok_info = {
@@ -366,7 +424,7 @@ def merge(
         "special_tokens_in_sequences": False,
         "source": fingerprint["source"],
         "shards": [{k: r[k] for k in keys} for r in shards],
-        "stats": _totals(shards),
+        "stats": stats,
         "command": command,
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)
@@ -389,12 +447,14 @@ def _totals(records) -> dict:
     return totals
 
 
-def _print_summary(records, elapsed: float, who: str, *, file) -> None:
+def _print_summary(records, binary_files_skipped: int, elapsed: float, who: str, *, file) -> None:
     t = _totals(list(records))
     mb = t["text_bytes"] / 1e6
+    binary = f", {binary_files_skipped:,} binary file(s) skipped" if binary_files_skipped else ""
     print(
         f"built{who} {t['documents']:,} documents ({t['empty_documents']:,} empty skipped, "
-        f"{t['invalid_utf8_documents']:,} with invalid UTF-8 replaced), {t['sequences']:,} sentences, "
+        f"{t['invalid_utf8_documents']:,} with invalid UTF-8 replaced{binary}), "
+        f"{t['sequences']:,} sentences, "
         f"{t['tokens']:,} tokens from {mb:,.1f} MB in {elapsed:,.1f} s "
         f"({mb / max(elapsed, 1e-9):,.2f} MB/s, {t['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)",
         file=file,
@@ -437,8 +497,7 @@ def import_megatron(prefixes: list[str], tokenizer_name: str, out: Path, *, comm
     sequence as ``[CLS] ... [SEP]``; that is detected from the first sequence and recorded, and the example
     builder then drops those tokens before packing.
     """
-    from alectra.data.indexed import IndexedDataset, file_sha256
-    from data_prep.tokenizer import load_tokenizer
+    from alectra.storage.indexed import IndexedDataset, file_sha256
 
     tok_info = tokenizer_info(load_tokenizer(tokenizer_name), tokenizer_name)
     special = tok_info["special_tokens"]

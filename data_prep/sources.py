@@ -24,6 +24,18 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 TEXT_MODES = ("blank-lines", "file")
+BINARY_SAMPLE_BYTES = 8192  # git and grep look at the first 8 KB too
+BINARY_INVALID_FRACTION = 0.3
+
+
+def looks_binary(sample: bytes) -> bool:
+    """Whether the start of a file is not text: a NUL byte, or more than 30 % of it invalid UTF-8
+    (a few stray bytes in real text are replaced and counted instead)."""
+    if b"\x00" in sample:
+        return True
+    text = sample.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - text[-1:].count("\ufffd")  # a character cut at the sample's end
+    return invalid > BINARY_INVALID_FRACTION * max(1, len(text))
 
 
 @dataclass(kw_only=True)
@@ -41,6 +53,7 @@ class Chunk:
 @dataclass(kw_only=True)
 class _Counter:
     invalid_utf8: int = 0
+    binary_files: int = 0
 
 
 @dataclass(kw_only=True)
@@ -60,6 +73,11 @@ class Source:
     def total_bytes(self) -> int | None:
         """Input size for the progress ETA, when known."""
         return None
+
+    @property
+    def binary_files_skipped(self) -> int:
+        """Input files skipped as binary so far (`FileSource` with ``skip_binary``)."""
+        return self._counter.binary_files
 
     def chunks(self, docs_per_chunk: int, wanted: Callable[[int], bool]) -> Iterator[Chunk]:
         """Chunks of ``docs_per_chunk`` input documents; those not ``wanted`` come without their documents."""
@@ -166,6 +184,8 @@ class FileSource(Source):
     """Field of each JSON object / Parquet column that holds the document."""
     text_mode: str = "blank-lines"
     """Plain text: ``blank-lines`` (blank lines separate documents) or ``file`` (one document per file)."""
+    skip_binary: bool = False
+    """Skip (and count) text/JSON files that look binary (`looks_binary`) instead of stopping at them."""
 
     def __post_init__(self) -> None:
         if self.text_mode not in TEXT_MODES:
@@ -185,6 +205,8 @@ class FileSource(Source):
         for path in self.paths:
             kind = _base_suffix(path)
             try:
+                if kind not in PARQUET_SUFFIXES and self._binary(path):
+                    continue
                 if kind in PARQUET_SUFFIXES:
                     yield from self._parquet(path)
                 elif kind in JSON_SUFFIXES:
@@ -193,6 +215,19 @@ class FileSource(Source):
                     yield from self._text(path)
             except (OSError, EOFError, zlib.error, _zstd_error()) as e:
                 raise DataPrepError(f"{path}: cannot read ({e}); the file is unreadable or corrupt") from e
+
+    def _binary(self, path: Path) -> bool:
+        """True for a binary file to skip; `DataPrepError` for one not to (text and JSON inputs only)."""
+        with _open_binary(path) as f:
+            if not looks_binary(f.read(BINARY_SAMPLE_BYTES)):
+                return False
+        if not self.skip_binary:
+            raise DataPrepError(
+                f"{path}: looks binary (NUL bytes or mostly invalid UTF-8), not text; remove it from --input "
+                "or pass --skip-binary-files"
+            )
+        self._counter.binary_files += 1
+        return True
 
     def _text(self, path: Path) -> Iterator[str]:
         with _open_binary(path) as f:

@@ -1,36 +1,16 @@
-"""Loading a Hugging Face fast tokenizer, and training a BERT-style uncased WordPiece vocabulary."""
+"""Training a BERT-style uncased WordPiece vocabulary (loading one: `alectra.storage.load_tokenizer`)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from alectra.storage.atomic import write_dir_atomically
 from data_prep.errors import DataPrepError
 
 # BERT's special tokens; [PAD] first so that id 0 pads, as in google-research/electra.
 BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def load_tokenizer(name_or_path: str):
-    """A ``PreTrainedTokenizerFast`` by hub name or local folder; one clear error if it cannot be loaded."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
-    except Exception as e:  # hub/offline/missing files surface as OSError, ValueError, HFValidationError ...
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
-        hint = (
-            "offline (HF_HUB_OFFLINE=1): pass a local tokenizer folder or train one with "
-            "`python -m data_prep train-tokenizer`"
-            if offline
-            else "check the name or pass a local tokenizer folder"
-        )
-        raise DataPrepError(f"cannot load tokenizer {name_or_path!r}: {hint}") from e
-    if not getattr(tok, "is_fast", False):
-        raise DataPrepError(f"tokenizer {name_or_path!r} has no fast (Rust) version; data_prep needs one")
-    return tok
 
 
 def train_tokenizer(
@@ -68,14 +48,12 @@ def train_tokenizer(
             "mask_token": "[MASK]",
         }
     )
-    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(tmp)
-    if not (tmp / "vocab.txt").is_file():
-        # BertTokenizer (the slow/python class) reads vocab.txt; write it from the trained vocabulary.
-        vocab = tok.get_vocab()
-        (tmp / "vocab.txt").write_text("".join(t + "\n" for t in sorted(vocab, key=vocab.__getitem__)))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+
+    def write(tmp: Path) -> None:
+        tok.save_pretrained(tmp)
+        if not (tmp / "vocab.txt").is_file():
+            # BertTokenizer (the slow/python class) reads vocab.txt; write it from the trained vocabulary.
+            vocab = tok.get_vocab()
+            (tmp / "vocab.txt").write_text("".join(t + "\n" for t in sorted(vocab, key=vocab.__getitem__)))
+
+    return write_dir_atomically(out, write)

@@ -43,7 +43,13 @@ from kernels.rtd_loss import (  # noqa: E402
     _rtd_loss_finish_kernel,
     _rtd_loss_fwd_kernel,
 )
-from kernels.sampling import SAMPLING_BLOCK_V, SAMPLING_NUM_WARPS, _sample_ce_fwd_kernel  # noqa: E402
+from kernels.sampling import (  # noqa: E402
+    SAMPLING_BLOCK_V,
+    SAMPLING_FINISH_BLOCK,
+    SAMPLING_NUM_WARPS,
+    _sample_ce_finish_kernel,
+    _sample_ce_fwd_kernel,
+)
 
 CAPABILITIES = (80, 90)
 LOGIT_DTYPES = ("fp32", "bf16", "fp16")
@@ -71,13 +77,15 @@ class Specialisation:
 
 
 def specialisations() -> list[Specialisation]:
-    """The variants the launch functions use: every logits dtype, with and without the scatter."""
+    """The variants the launch functions use: every logits dtype, with and without valid rows and scatter."""
     out = []
     for dtype in LOGIT_DTYPES:
-        for scatter in (True, False) if dtype == "bf16" else (True,):
+        # (HAS_VALID, SCATTER): the model's two call forms in every dtype, no scatter in bf16 only.
+        variants = ((True, True), (False, True)) + (((False, False),) if dtype == "bf16" else ())
+        for has_valid, scatter in variants:
             out.append(
                 Specialisation(
-                    name=f"sample_ce[{dtype}{',scatter' if scatter else ''}]",
+                    name=f"sample_ce[{dtype}{',valid' if has_valid else ''}{',scatter' if scatter else ''}]",
                     fn=_sample_ce_fwd_kernel,
                     signature={
                         "logits_ptr": f"*{dtype}",
@@ -85,20 +93,24 @@ def specialisations() -> list[Specialisation]:
                         "grad_ptr": f"*{dtype}",
                         "grad_row_stride": "i64",
                         "targets_ptr": "*i64",
+                        "seed_ptr": "*i64",
+                        # Without valid rows the launcher passes the fp32 loss buffer, never read.
+                        "valid_ptr": "*u8" if has_valid else "*fp32",
+                        "n_valid_ptr": "*i64" if has_valid else "*fp32",
                         "loss_ptr": "*fp32",
                         "samples_ptr": "*i64",
                         "correct_ptr": "*i32",
                         "positions_ptr": "*i64",
                         "disc_ids_ptr": "*i64",
                         "replaced_ptr": "*i64",
+                        "n_rows": "i32",
                         "vocab_size": "i32",
-                        "seed": "i64",
                         "inv_temperature": "fp32",
-                        "grad_scale": "fp32",
+                        "HAS_VALID": "constexpr",
                         "SCATTER": "constexpr",
                         "BLOCK_V": "constexpr",
                     },
-                    constexprs={"SCATTER": scatter, "BLOCK_V": SAMPLING_BLOCK_V},
+                    constexprs={"HAS_VALID": has_valid, "SCATTER": scatter, "BLOCK_V": SAMPLING_BLOCK_V},
                     num_warps=SAMPLING_NUM_WARPS,
                 )
             )
@@ -135,6 +147,25 @@ def specialisations() -> list[Specialisation]:
                 },
                 constexprs={"BLOCK": RTD_BWD_BLOCK},
                 num_warps=RTD_NUM_WARPS,
+            )
+        )
+    for has_valid in (True, False):
+        out.append(
+            Specialisation(
+                name=f"sample_ce_finish{'[valid]' if has_valid else ''}",
+                fn=_sample_ce_finish_kernel,
+                signature={
+                    "row_loss_ptr": "*fp32",
+                    "correct_ptr": "*i32",
+                    "n_valid_ptr": "*i64" if has_valid else "*fp32",
+                    "loss_ptr": "*fp32",
+                    "n_correct_ptr": "*i64",
+                    "n_rows": "i32",
+                    "HAS_VALID": "constexpr",
+                    "BLOCK": "constexpr",
+                },
+                constexprs={"HAS_VALID": has_valid, "BLOCK": SAMPLING_FINISH_BLOCK},
+                num_warps=4,
             )
         )
     out.append(

@@ -16,7 +16,8 @@ gradient by `grad_output / n` (the Liger-Kernel cross-entropy idea: backward is 
 kernel reduces the partial sums in a fixed order (so the loss is bit-for-bit deterministic for a given shape
 on a given GPU: the program count follows its SM count) and writes the loss and the counts; the backward
 kernel reads `grad_output` and `n` from device memory and writes the logits-dtype gradient in one pass. Three
-launches in all, no host synchronisation.
+launches in all, no host synchronisation. The forward and backward launch functions are torch custom ops
+(`alectra::rtd_loss`, `alectra::rtd_loss_backward`), single nodes in a torch.compile graph.
 
 Legend for shape comments: N = number of tokens (B * T flattened).
 """
@@ -161,6 +162,12 @@ def _rtd_loss_bwd_kernel(grad_ptr, counts_ptr, grad_output_ptr, out_ptr, n_eleme
     tl.store(out_ptr + offs, (grad * scale).to(out_ptr.dtype.element_ty), mask=in_bounds)
 
 
+# The launch functions are torch custom ops, so torch.compile keeps each as one opaque node of the graph
+# (it traces the fake implementations below, never a Triton launch) and CUDA graphs capture them. custom_op
+# rather than triton_op: triton_op lets the compiler trace into the launches, which it cannot do for kernels
+# run by the Triton interpreter (TRITON_INTERPRET=1). The forward is functional, so its backward is
+# registered on the op itself (`register_autograd`, torch/_library/custom_ops.py) and calls the backward op.
+@torch.library.custom_op("alectra::rtd_loss", mutates_args=())
 def rtd_loss_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -210,11 +217,22 @@ def rtd_loss_forward(
     return loss, counts, grad
 
 
+@rtd_loss_forward.register_fake
+def _(logits, labels, mask, **kwargs):
+    """What torch.compile traces: the outputs' shapes and dtypes."""
+    return (
+        logits.new_empty((), dtype=torch.float32),
+        logits.new_empty(4, dtype=torch.int64),
+        logits.new_empty(logits.numel(), dtype=torch.float32),
+    )
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@torch.library.custom_op("alectra::rtd_loss_backward", mutates_args=())
 def rtd_loss_backward(
     grad: torch.Tensor,
     counts: torch.Tensor,
@@ -234,21 +252,29 @@ def rtd_loss_backward(
     return out
 
 
-class RTDLossFunction(torch.autograd.Function):
-    """Autograd wrapper: forward runs the fused kernel, backward is a rescale of the stored gradient."""
+@rtd_loss_backward.register_fake
+def _(grad, counts, grad_output, dtype, **kwargs):
+    return grad.new_empty(grad.shape, dtype=dtype)
 
-    @staticmethod
-    def forward(ctx, logits, labels, mask):
-        loss, counts, grad = rtd_loss_forward(logits, labels, mask)
-        ctx.save_for_backward(grad, counts)
-        ctx.mark_non_differentiable(counts)
-        ctx.logits_dtype = logits.dtype
-        return loss, counts
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_counts):
-        grad, counts = ctx.saved_tensors
-        return rtd_loss_backward(grad, counts, grad_loss, ctx.logits_dtype), None, None
+def _rtd_loss_setup_context(ctx, inputs, keyword_only_inputs, output) -> None:
+    logits, _, _ = inputs
+    _, counts, grad = output
+    ctx.save_for_backward(grad, counts)
+    ctx.mark_non_differentiable(counts, grad)
+    ctx.set_materialize_grads(False)  # no zero tensors for the gradients of counts and grad
+    ctx.logits_dtype = logits.dtype
+
+
+def _rtd_loss_backward_formula(ctx, grad_loss, grad_counts, grad_grad):
+    """Backward is a rescale of the stored gradient by grad_output / n (one launch)."""
+    if grad_loss is None:
+        return None, None, None
+    grad, counts = ctx.saved_tensors
+    return rtd_loss_backward(grad, counts, grad_loss, ctx.logits_dtype), None, None
+
+
+rtd_loss_forward.register_autograd(_rtd_loss_backward_formula, setup_context=_rtd_loss_setup_context)
 
 
 def rtd_loss_reference(
@@ -286,7 +312,8 @@ def rtd_loss(
         return rtd_loss_reference(logits, labels, mask)
     _check_inputs(logits, labels, mask)
     check_triton_device(logits, "rtd_loss")
-    return RTDLossFunction.apply(logits, labels, mask)
+    loss, counts, _ = rtd_loss_forward(logits, labels, mask)
+    return loss, counts
 
 
 def _check_inputs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:

@@ -19,8 +19,10 @@
 # at the next step boundary and exits 75; this script then runs `scontrol requeue`, and the requeued job
 # (same job id, same OUTPUT) resumes from the newest complete checkpoint.
 #   exit 0 -> finished, no requeue.     exit 75 -> requeue (at most MAX_RESTARTS times in all).
-#   exit 2 -> bad configuration: not requeued.
+#   exit 2 -> a user error (configuration, a path, damaged data or checkpoint, a full disk): not requeued.
 #   anything else -> a crash: requeued at most MAX_CRASH_RETRIES times, then the job fails with that code.
+# A rank that fails exits within seconds (alectra.training.failstop) and its peers, whose collectives then
+# fail, exit 1; srun returns the highest exit code of the step's tasks, so a rank's 2 is not lost.
 #
 # Environment variables (all optional):
 #   ALECTRA_DIR        repository root                          (default: the submit directory)
@@ -35,8 +37,9 @@
 #   MAX_CRASH_RETRIES  bound on requeues after a crash          (default: 2)
 #   LAUNCHER           srun (one task per rank) or mpirun (OpenMPI; ranks meet through mpi4py) (default: srun)
 #   MPIRUN_ARGS        extra mpirun options, e.g. "--mca btl_tcp_if_include ib0"
-#   SRUN_WAIT          seconds the other ranks may run on after one exits before srun kills them, so a
-#                      crashed rank does not leave its peers hanging in a collective (default: 120)
+#   SRUN_WAIT          seconds the other ranks may run on after one exits before srun kills them: the
+#                      backstop for peers that do not notice (NCCL may wait for its timeout; gloo peers
+#                      exit at once) (default: 120)
 #   NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME   network interface for NCCL / gloo (e.g. ib0, eth0, ^docker)
 #   NCCL_IB_TIMEOUT    InfiniBand transport timeout exponent (NCCL default 20 = 4.096 us * 2^20)
 #   NCCL_DEBUG         INFO or WARN to see NCCL's transport choices
@@ -56,7 +59,7 @@
 set -uo pipefail
 
 readonly EXIT_REQUEUE=75  # alectra.training.EXIT_REQUEUE (BSD EX_TEMPFAIL)
-readonly EXIT_USAGE=2     # pretrain.py's bad-configuration exit (and argparse's): a retry would fail the same way
+readonly EXIT_USAGE=2     # pretrain.py's user-error exit (and argparse's): a retry would fail the same way
 
 die() { echo "pretrain.sh: error: $*" >&2; exit 2; }
 
@@ -175,7 +178,7 @@ if [ "$rc" -eq "$EXIT_REQUEUE" ]; then
   requeue "checkpoint saved after a stop signal (exit $EXIT_REQUEUE)"
 fi
 if [ "$rc" -eq "$EXIT_USAGE" ]; then
-  echo "pretrain.sh: configuration error (exit $EXIT_USAGE, see above); not requeueing: fix it and resubmit" | tee -a "$RUN_LOG"
+  echo "pretrain.sh: user error (exit $EXIT_USAGE: configuration, path, data, checkpoint or disk space; see above); not requeueing: fix it and resubmit" | tee -a "$RUN_LOG"
   exit "$rc"
 fi
 CRASHES=$(cat "$CRASH_FILE" 2>/dev/null || echo 0)

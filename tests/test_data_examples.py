@@ -7,8 +7,9 @@ import torch
 from alectra.data import build_dataloader, build_pretraining_datasets
 from alectra.data.datasets import blend_indices
 from alectra.data.examples import plan_shard
-from alectra.data.indexed import IndexedDatasetWriter
-from alectra.data.manifest import FORMAT, write_json_atomic
+from alectra.storage.atomic import write_json_atomic
+from alectra.storage.indexed import IndexedDatasetWriter
+from alectra.storage.manifest import FORMAT
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -220,3 +221,63 @@ def test_dataloader_resume_and_ranks(synthetic):
         assert all(torch.equal(x[key], y[key]) for key in x)
     with pytest.raises(ValueError, match="consumed_samples"):
         batches(len(train) + 1, 0)
+
+
+def reference_line_pairs(docs, docs_per_shard, seed, max_len):
+    """The seed's examples (recipe_spec.md 6.1, lmtuners tokenize_and_cache_data.py), written from the
+    description: per document, its non-empty lines in a random order (each line's key drawn from the shard's
+    generator, as alectra.data.examples.plan_line_pairs documents), taken in consecutive pairs; each line cut
+    to (max_len + 1) // 2 tokens with its own [CLS]/[SEP]; [CLS] A [SEP] B [SEP], types 0 then 1."""
+    cut = (max_len + 1) // 2 - 2
+    cls, sep, pad = SPECIAL["cls"], SPECIAL["sep"], SPECIAL["pad"]
+    examples = []
+    for k, first_doc in enumerate(range(0, len(docs), docs_per_shard)):
+        shard_docs = docs[first_doc : first_doc + docs_per_shard]
+        keys = np.random.default_rng([seed, k]).random(sum(len(d) for d in shard_docs))
+        first_seq = 0
+        for doc in shard_docs:
+            lines = [first_seq + i for i, line in enumerate(doc) if line]
+            order = sorted(lines, key=lambda s: keys[s])
+            for p in range(0, len(order) - 1, 2):
+                a, b = doc[order[p] - first_seq][:cut], doc[order[p + 1] - first_seq][:cut]
+                ids = [cls, *a, sep, *b, sep]
+                n = len(ids)
+                assert n <= max_len
+                examples.append(
+                    {
+                        "input_ids": ids + [pad] * (max_len - n),
+                        "attention_mask": [1] * n + [0] * (max_len - n),
+                        "token_type_ids": [0] * (len(a) + 2) + [1] * (len(b) + 1) + [0] * (max_len - n),
+                    }
+                )
+            first_seq += len(doc)
+    return examples
+
+
+@pytest.mark.parametrize("max_len", [128, 33])
+def test_line_pairs_match_reference(tmp_path, max_len):
+    """examples="line_pairs" (issue 13 item 3): two lines of one document as A and B, each cut to 64
+    tokens at max_seq_length 128; blank lines dropped, an odd last line and one-line documents give
+    nothing."""
+    docs = random_docs(4, 120)
+    docs[3] = [docs[3][0]]  # one line: no example
+    docs[5] = [[], *docs[5], []]  # blank lines (empty sequences) are not lines
+    path = write_dataset(tmp_path / "ds", docs, docs_per_shard=40)
+    train, valid = build(path, max_seq_length=max_len, examples="line_pairs")
+    want = reference_line_pairs(docs, 40, seed=7, max_len=max_len)
+    pool = train.pool
+    assert len(pool.plan) == len(want) == len(train) + len(valid) > 200
+    for j, ref in enumerate(want):
+        got = pool.example(j)
+        assert all(got[key].tolist() == ref[key] for key in ref), j
+    assert any(ex["attention_mask"][-1] == 1 for ex in want) == (max_len == 33)  # long lines fill 33
+    # deterministic per sample index: a second build (plan from the cache) and the index order agree
+    again, _ = build(path, max_seq_length=max_len, examples="line_pairs")
+    for i in (0, 7, len(train) - 1):
+        assert (again[i]["input_ids"] == train[i]["input_ids"]).all()
+    # A is the earlier line of the document half of the time (the order within a pair is random too)
+    rows = np.asarray(pool.plan)
+    earlier = (rows[:, 1] < rows[:, 2]).mean()
+    assert abs(earlier - 0.5) < 4.5 * np.sqrt(0.25 / len(rows))
+    electra, _ = build(path, max_seq_length=max_len)
+    assert electra.pool.plan.shape[1] == 4 and len(electra.pool.plan) != len(pool.plan)

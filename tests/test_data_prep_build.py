@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import data_prep
-from alectra.data import IndexedDataset, check_tokenizer, load_manifest
+from alectra.storage import IndexedDataset, check_tokenizer, load_manifest
 from data_prep.cli import main
 from data_prep.sentences import split_sentences
 from data_prep.tokenizer import train_tokenizer
+from tests import waiting
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +142,7 @@ def test_kill_and_resume_is_byte_identical(tmp_path, tok_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "-o", str(out)], env=env, cwd=REPO)
-    deadline = time.time() + 60
+    deadline = time.time() + waiting.deadline(60)
     while time.time() < deadline and len(list(out.glob("shard_*.json"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -272,7 +273,7 @@ def test_mpi_ranks_write_the_same_shards(tmp_path, tok_dir, jsonl):
     cmd = ["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe", sys.executable, "-m", "data_prep"]
     cmd += ["build", *map(str, common), "-o", str(tmp_path / "mpi")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run(cmd, env=env, cwd=REPO, check=True, timeout=120, capture_output=True)
+    subprocess.run(cmd, env=env, cwd=REPO, check=True, timeout=waiting.deadline(120), capture_output=True)
     assert len(list((tmp_path / "mpi").glob("part_*.json"))) == 2  # both ranks took part
     assert shard_bytes(tmp_path / "mpi") == shard_bytes(tmp_path / "one")
     assert load_manifest(tmp_path / "mpi")["shards"] == load_manifest(tmp_path / "one")["shards"]
@@ -280,7 +281,7 @@ def test_mpi_ranks_write_the_same_shards(tmp_path, tok_dir, jsonl):
 
 def test_megatron_wrapped_shards_give_the_same_examples(tmp_path, tok_dir, jsonl):
     from alectra.data import build_pretraining_datasets
-    from alectra.data.indexed import IndexedDatasetWriter
+    from alectra.storage.indexed import IndexedDatasetWriter
 
     ours = tmp_path / "ours"
     assert run_build("--input", jsonl, "--tokenizer", tok_dir, "-o", ours, "--docs-per-shard", 100) == 0

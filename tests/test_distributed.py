@@ -215,3 +215,43 @@ def test_single_rank_mpirun_needs_no_mpi_init():
     env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1"}
     dist_env = discover(env, mpi_factory=_no_mpi)
     assert (dist_env.world_size, dist_env.local_rank, dist_env.launcher) == (1, 0, "mpi")
+
+
+def test_the_process_group_uses_the_port_discovery_chose(monkeypatch):
+    """One free-port helper: a single process gets its port from discovery, and joining the process group
+    (alectra.training.build.init_process_group) keeps it instead of picking another."""
+    import torch.distributed
+
+    from alectra.training.build import init_process_group
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    chosen = init_distributed_env().master_port
+    assert os.environ["MASTER_PORT"] == str(chosen)
+    init_process_group()
+    try:
+        assert os.environ["MASTER_PORT"] == str(chosen)
+        store = torch.distributed.distributed_c10d._get_default_store()
+        while hasattr(store, "underlying_store"):  # PrefixStores over the rendezvous TCPStore
+            store = store.underlying_store
+        assert store.port == chosen
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_run_on_rank0_returns_and_raises_on_every_rank():
+    """With one process, rank 0 runs the function; its exception reaches the caller (the others would get a
+    RuntimeError naming it, after the broadcast that keeps them from waiting forever)."""
+    import torch.distributed
+
+    from alectra.distributed import free_port, run_on_rank0
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        assert run_on_rank0(lambda x, y=0: x + y, 2, y=3) == 5
+        with pytest.raises(OSError, match="disk full"):
+            run_on_rank0(lambda: (_ for _ in ()).throw(OSError("disk full")))
+    finally:
+        torch.distributed.destroy_process_group()

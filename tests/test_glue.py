@@ -14,12 +14,10 @@ import torch
 from alectra.glue import metrics
 from alectra.glue.__main__ import main, resolve_model_dir
 from alectra.glue.finetune import (
-    AdamWeightDecay,
     FinetuneConfig,
     build_classifier,
     finetune_task,
     layer_depths,
-    lr_factor,
     parameter_groups,
     training_examples,
 )
@@ -33,6 +31,8 @@ from alectra.glue.tasks import (
     parse_task_list,
     read_glue_tsv,
 )
+from alectra.optim import AdamWeightDecay, electra_multiplier
+from tests import waiting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -325,8 +325,14 @@ def test_classifier_keeps_encoder_and_gets_a_fresh_head(tiny_models, arch, head)
 
 def test_schedule_and_optimizer_follow_electra():
     # polynomial_decay(power 1) x min(1, step / warmup) with 10 steps, 1 warmup step.
-    assert [round(lr_factor(s, 10, 1.0), 6) for s in (0, 1, 5, 10)] == [0.0, 0.9, 0.5, 0.0]
-    assert lr_factor(2, 10, 4.0) == pytest.approx(0.8 * 0.5)
+    lr_factor = electra_multiplier
+    assert [round(lr_factor(s, total_steps=10, warmup_steps=1.0), 6) for s in (0, 1, 5, 10)] == [
+        0.0,
+        0.9,
+        0.5,
+        0.0,
+    ]
+    assert lr_factor(2, total_steps=10, warmup_steps=4.0) == pytest.approx(0.8 * 0.5)
     param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     optimizer = AdamWeightDecay(
         [{"params": [param], "lr": 0.1, "weight_decay": 0.5}], lr=0.1, betas=(0.9, 0.999), eps=1e-6
@@ -352,6 +358,44 @@ def test_training_set_subsampling_and_order_doubling():
         FinetuneConfig(layerwise_lr_decay=0)
     with pytest.raises(ValueError, match="head must be one of"):
         FinetuneConfig(head="mlp")
+
+
+def test_loss_is_summed_over_the_batch_as_the_reference():
+    """run_finetuning.py: `self.loss = tf.reduce_sum(per-example losses)`, then the clip at 1.0."""
+    from alectra.glue.finetune import task_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(8, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert FinetuneConfig().loss_reduction == "sum"
+    torch.testing.assert_close(task_loss(logits, labels, False, reduction="sum"), per_example.sum())
+    torch.testing.assert_close(task_loss(logits, labels, False, reduction="mean"), per_example.mean())
+    scores, targets = torch.randn(8, 1, generator=g), torch.rand(8, generator=g)
+    torch.testing.assert_close(
+        task_loss(scores, targets, True, reduction="sum"), ((scores.squeeze(-1) - targets) ** 2).sum()
+    )
+    with pytest.raises(ValueError, match="loss_reduction must be one of"):
+        FinetuneConfig(loss_reduction="max")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_finetune_task_uses_the_configured_reduction(tiny_models, glue_dir, monkeypatch, reduction):
+    from transformers import AutoTokenizer
+
+    import alectra.glue.finetune as finetune
+
+    seen, original = [], finetune.task_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["reduction"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "task_loss", spy)
+    train, dev = load_local_task(TASKS["sst2"], glue_dir)
+    config = FinetuneConfig(max_steps=2, batch_size=4, loss_reduction=reduction, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["electra"])
+    finetune_task(tiny_models["electra"], tokenizer, TASKS["sst2"], train, dev, seed=0, config=config)
+    assert seen == [reduction, reduction]
 
 
 @pytest.mark.parametrize("task, arch", [("sst2", "electra"), ("stsb", "albert")])
@@ -436,7 +480,7 @@ def test_command_errors_are_one_line(tiny_models, glue_dir, tmp_path, capsys):
         ],  # fmt: skip
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=waiting.deadline(120),
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
         "alectra-glue: error: --model"

@@ -18,9 +18,10 @@ def alectra_run(tmp_path_factory, single_process_group):
     from transformers import BertTokenizerFast
 
     from alectra.export import write_model_metadata
-    from alectra.masking import step_seed
     from alectra.model import ElectraPretrainingModel
     from alectra.presets import get_preset
+    from alectra.seeds import step_seed
+    from alectra.training.checkpoint import Checkpointer
 
     root = tmp_path_factory.mktemp("run")
     tokenizer = BertTokenizerFast(vocab=_train_vocab(), do_lower_case=True)
@@ -49,7 +50,7 @@ def alectra_run(tmp_path_factory, single_process_group):
         special_token_ids=specials,
         tokenizer_dir=root / "tokenizer",
     )
-    engine.save_checkpoint(str(checkpoints), tag="step_2")
+    Checkpointer(checkpoints, every=1, keep_last=1, zero_stage=2).save(engine, 2, {})  # with its commit mark
     return root / "run", engine.module
 
 

@@ -6,9 +6,9 @@ import struct
 import numpy as np
 import pytest
 
-from alectra.data.indexed import IndexedDataset, IndexedDatasetWriter, IndexFormatError, token_dtype
+from alectra.storage.indexed import IndexedDataset, IndexedDatasetWriter, IndexFormatError, token_dtype
 
-# Megatron's dtype codes, restated independently of alectra.data.indexed.
+# Megatron's dtype codes, restated independently of alectra.storage.indexed.
 CODES = {
     1: np.uint8,
     2: np.int8,

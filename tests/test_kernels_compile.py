@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from tests import waiting
+
 # Not imported from kernels.compile_check: importing it here, after triton was imported in interpreter mode,
 # is exactly what it refuses.
 CAPABILITIES = (80, 90)
@@ -22,7 +24,7 @@ def test_all_kernels_compile_for_sm80_sm90_without_spills():
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=waiting.deadline(300),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -32,8 +34,11 @@ def test_all_kernels_compile_for_sm80_sm90_without_spills():
             assert (f"rtd_loss[{dtype}]", sm) in compiled
             assert (f"rtd_loss_bwd[{dtype}]", sm) in compiled
             assert (f"sample_ce[{dtype},scatter]", sm) in compiled
+            assert (f"sample_ce[{dtype},valid,scatter]", sm) in compiled
     for sm in CAPABILITIES:
         assert ("rtd_loss_finish", sm) in compiled
+        assert ("sample_ce_finish", sm) in compiled
+        assert ("sample_ce_finish[valid]", sm) in compiled
     for row in rows:
         assert row["spill_bytes"] == 0, row
         assert row["stack"] == 0, row

@@ -7,15 +7,18 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from kernels.sampling import (
+    INVALID_SAMPLE,
     SAMPLING_BLOCK_V,
     philox_uniform,
     philox_uniform4,
     sample_and_cross_entropy,
     sample_and_cross_entropy_reference,
+    sample_from_softmax_reference,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,6 +45,18 @@ def _inputs(rows, vocab, dtype, seed=0, scale=3.0):
     logits = (torch.randn(rows, vocab, generator=gen) * scale).to(dtype)  # (M, V)
     targets = torch.randint(0, vocab, (rows,), generator=gen)  # (M,)
     return logits.to(DEVICE), targets.to(DEVICE)
+
+
+def _seed(value):
+    """The seed as the kernels take it: an int64 0-dim tensor on the device."""
+    return torch.tensor(value, dtype=torch.int64, device=DEVICE)
+
+
+def _valid(rows, seed, fraction=0.7):
+    """(M,) bool: about `fraction` of the rows real, the first one always."""
+    valid = torch.rand(rows, generator=torch.Generator().manual_seed(seed)) < fraction
+    valid[0] = True
+    return valid.to(DEVICE)
 
 
 def _run(fn, logits, targets, grad_output=1.0, **kwargs):
@@ -87,6 +102,47 @@ def test_philox_reference_is_bit_exact_with_tl_rand4x(seed, offset_base):
     assert len({tuple(col.tolist()[:5]) for col in ref.T}) == 4  # four different words
 
 
+@triton.jit
+def _rand4x_seed_ptr_kernel(out_ptr, seed_ptr, offset_base, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    u0, u1, u2, u3 = tl.rand4x(tl.load(seed_ptr), offset_base + offs)  # the seed as the kernels read it
+    for k, u in enumerate((u0, u1, u2, u3)):
+        tl.store(out_ptr + offs * 4 + k, u, mask=offs < n)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**31 + 5, 2**62 + 17])
+def test_seed_tensor_gives_the_int_seeds_philox_stream(seed):
+    """A seed read from an int64 device tensor draws exactly the stream of the same value passed as an int."""
+    n, offset_base = 300, 2**32 - 100
+    from_int = torch.empty(n, 4, device=DEVICE)
+    from_tensor = torch.empty(n, 4, device=DEVICE)
+    _rand4x_kernel[(triton.cdiv(n, 128),)](from_int, seed, offset_base, n, BLOCK=128)
+    _rand4x_seed_ptr_kernel[(triton.cdiv(n, 128),)](from_tensor, _seed(seed), offset_base, n, BLOCK=128)
+    offsets = offset_base + torch.arange(n, device=DEVICE)
+    assert torch.equal(from_tensor, from_int)
+    assert torch.equal(philox_uniform4(_seed(seed), offsets), from_int)
+
+
+# Samples of the kernel as it was before seeds became tensors (int seed, commit f792d7e), for these inputs.
+_SAMPLES_BEFORE_SEED_TENSORS = {
+    (7, 1.0): [1910, 103, 1301, 876, 691, 563],
+    (7, 0.5): [1910, 199, 1301, 876, 691, 100],
+    (2**62 + 17, 1.0): [161, 1261, 733, 120, 450, 275],
+    (2**62 + 17, 0.5): [161, 1351, 1855, 120, 450, 1916],
+}
+
+
+@pytest.mark.parametrize(("seed", "temperature"), sorted(_SAMPLES_BEFORE_SEED_TENSORS))
+def test_tensor_seed_keeps_the_samples_of_the_int_seed_kernel(seed, temperature):
+    gen = torch.Generator().manual_seed(123)
+    logits = (torch.randn(6, 2 * 1024 + 5, generator=gen) * 0.5).to(DEVICE)
+    targets = torch.randint(0, 2053, (6,), generator=gen).to(DEVICE)
+    want = _SAMPLES_BEFORE_SEED_TENSORS[seed, temperature]
+    for seed_arg in (_seed(seed), seed):
+        samples = sample_and_cross_entropy(logits, targets, seed=seed_arg, temperature=temperature)[1]
+        assert samples.tolist() == want
+
+
 @pytest.mark.parametrize("dtype,atol,rtol", GRAD_TOLERANCES)
 @pytest.mark.parametrize("rows,vocab", SHAPES)
 def test_matches_reference(rows, vocab, dtype, atol, rtol):
@@ -103,6 +159,112 @@ def test_matches_reference(rows, vocab, dtype, atol, rtol):
     assert n_correct.dtype == torch.int64 and int(n_correct) == int(ref_n_correct)
     assert grad.dtype == dtype
     torch.testing.assert_close(grad, ref_grad, atol=atol, rtol=rtol)
+
+
+# Odd shapes for the valid-row tests: the slots of a 3 x 13 batch over an odd vocabulary, and a vocabulary
+# spanning two blocks with a ragged tail (fewer rows than SHAPES: each case runs the kernel twice).
+VALID_SHAPES = [(3 * 13, 61), (5, SAMPLING_BLOCK_V + 903)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", GRAD_TOLERANCES)
+@pytest.mark.parametrize("rows,vocab", VALID_SHAPES)
+def test_valid_rows_match_reference(rows, vocab, dtype, atol, rtol):
+    logits, targets = _inputs(rows, vocab, dtype, seed=rows * vocab)
+    valid = _valid(rows, seed=rows)
+    padded_targets = torch.where(valid, targets, -100)  # a padding slot may hold any id: never read
+    kwargs = {"seed": _seed(rows), "valid": valid}
+    loss, samples, n_correct, grad = _run(sample_and_cross_entropy, logits, padded_targets, **kwargs)
+    ref = _run(sample_and_cross_entropy_reference, logits, padded_targets, **kwargs)
+    ref_loss, ref_samples, ref_n_correct, ref_grad = ref
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref_loss, atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    assert torch.equal(samples, ref_samples)
+    assert int(n_correct) == int(ref_n_correct)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, ref_grad, atol=atol, rtol=rtol)
+    assert torch.all(samples[~valid] == INVALID_SAMPLE.value)
+    assert torch.all(grad[~valid] == 0) and bool(grad[valid].abs().sum() > 0)
+    # A row's noise depends on its index only: the valid rows draw what they draw when every row is valid.
+    every_row = sample_and_cross_entropy(logits, targets, seed=_seed(rows))[1]
+    assert torch.equal(samples[valid], every_row[valid])
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_valid_rows_loss_is_the_mean_over_valid_rows(use_triton):
+    logits, targets = _inputs(40, 50, torch.float32, seed=3)
+    valid = _valid(40, seed=4, fraction=0.5)
+    targets[::2] = logits[::2].argmax(dim=-1)  # argmax hits on valid and on invalid rows
+    x = logits.clone().requires_grad_(True)
+    loss, _, n_correct = sample_and_cross_entropy(
+        x, targets, seed=_seed(0), valid=valid, use_triton=use_triton
+    )
+    loss.backward()
+    # The definition, with a boolean index (a host sync the op itself never does).
+    want = F.cross_entropy(logits[valid], targets[valid])
+    want_grad = torch.func.grad(lambda z: F.cross_entropy(z[valid], targets[valid]))(logits)
+    torch.testing.assert_close(loss, want, atol=LOSS_ATOL, rtol=LOSS_RTOL)
+    torch.testing.assert_close(x.grad, want_grad, atol=1e-8, rtol=1e-5)
+    hits = logits.argmax(dim=-1) == targets
+    assert int(n_correct) == int((hits & valid).sum()) < int(hits.sum())
+
+
+@pytest.mark.parametrize("use_triton", [True, False])
+def test_no_valid_rows_gives_zero_loss_zero_gradient_and_no_scatter(use_triton):
+    rows, vocab, bt = 6, 40, 20
+    logits, targets = _inputs(rows, vocab, torch.bfloat16, seed=2)
+    valid = torch.zeros(rows, dtype=torch.bool, device=DEVICE)
+    disc_ids = torch.full((bt,), 7, dtype=torch.int64, device=DEVICE)
+    replaced = torch.full((bt,), 7, dtype=torch.int64, device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    loss, samples, n_correct = sample_and_cross_entropy(
+        x,
+        targets,
+        seed=_seed(1),
+        valid=valid,
+        positions=torch.arange(rows, device=DEVICE) * 3,
+        disc_input_ids=disc_ids,
+        replaced_labels=replaced,
+        use_triton=use_triton,
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(x.grad == 0) and torch.isfinite(x.grad.float()).all()
+    assert torch.all(samples == INVALID_SAMPLE.value) and int(n_correct) == 0
+    assert torch.all(disc_ids == 7) and torch.all(replaced == 7)
+
+
+def test_scatter_skips_invalid_rows_whatever_their_positions():
+    rows, vocab, bt = 12, 30, 60
+    logits, targets = _inputs(rows, vocab, torch.float32, seed=6, scale=1.0)
+    valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 1], dtype=torch.bool, device=DEVICE)
+    positions = torch.arange(rows, device=DEVICE) * 5 + 1  # distinct on the valid rows
+    # Invalid rows point at a valid row's position, before the start and past the end: never read.
+    positions[~valid] = torch.tensor([positions[0].item(), -1, bt + 5, positions[5].item()], device=DEVICE)
+    input_ids = torch.randint(0, vocab, (bt,), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = {}
+    for use_triton in (True, False):
+        disc_ids = input_ids.clone()
+        replaced = torch.full((bt,), True, dtype=torch.bool, device=DEVICE)
+        samples = sample_and_cross_entropy(
+            logits,
+            targets,
+            seed=_seed(9),
+            valid=valid,
+            positions=positions,
+            disc_input_ids=disc_ids,
+            replaced_labels=replaced,
+            use_triton=use_triton,
+        )[1]
+        results[use_triton] = (disc_ids, replaced, samples)
+    written = positions[valid]
+    untouched = torch.ones(bt, dtype=torch.bool, device=DEVICE)
+    untouched[written] = False
+    for disc_ids, replaced, samples in results.values():
+        assert torch.equal(disc_ids[written], samples[valid])
+        assert torch.equal(replaced[written], samples[valid] != targets[valid])
+        assert torch.equal(disc_ids[untouched], input_ids[untouched]) and bool(replaced[untouched].all())
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False], strict=True))
 
 
 def test_grad_output_rescale_temperature_and_row_stride():
@@ -127,11 +289,13 @@ def test_argmax_accuracy_counts_exact_hits():
     assert int(n_correct) == 30
 
 
-def test_same_seed_same_samples_different_seed_differs():
+@pytest.mark.parametrize("as_tensor", [True, False])
+def test_same_seed_same_samples_different_seed_differs(as_tensor):
     logits, targets = _inputs(32, 300, torch.bfloat16, seed=1, scale=0.5)
-    first = sample_and_cross_entropy(logits, targets, seed=42)[1]
-    again = sample_and_cross_entropy(logits, targets, seed=42)[1]
-    other = sample_and_cross_entropy(logits, targets, seed=43)[1]
+    seed = _seed if as_tensor else int
+    first = sample_and_cross_entropy(logits, targets, seed=seed(42))[1]
+    again = sample_and_cross_entropy(logits, targets, seed=seed(42))[1]
+    other = sample_and_cross_entropy(logits, targets, seed=seed(43))[1]
     assert torch.equal(first, again)
     # 32 near-uniform draws over 300 ids: seeds agreeing on more than a few rows means the seed is ignored.
     assert int((first == other).sum()) < 5
@@ -248,6 +412,14 @@ def test_bad_input_raises_one_clear_error():
         sample_and_cross_entropy(logits, targets, seed=0, positions=targets)
     with pytest.raises(ValueError, match="2-D float"):
         sample_and_cross_entropy(logits[0], targets, seed=0)
+    with pytest.raises(ValueError, match="seed must be an int64 0-dim tensor"):
+        sample_and_cross_entropy(logits, targets, seed=torch.tensor([3], device=DEVICE))
+    with pytest.raises(ValueError, match="seed must be an int64 0-dim tensor"):
+        sample_and_cross_entropy(logits, targets, seed=torch.tensor(3, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="valid must be a bool tensor of shape"):
+        sample_and_cross_entropy(logits, targets, seed=0, valid=torch.ones(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="valid must be a bool tensor of shape"):
+        sample_and_cross_entropy(logits, targets, seed=0, valid=torch.ones(3, dtype=torch.bool))
 
 
 def test_retain_graph_backward_twice_and_int32_targets():
@@ -268,3 +440,79 @@ def test_triton_on_cpu_without_interpreter_says_what_to_do(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="use_triton=False"):
         check_triton_device(torch.zeros(1), "sample_and_cross_entropy")
+
+
+# The CPU fast sampler (noise="inverse_cdf", what the model runs on CPU): one Philox uniform per row.
+
+
+def test_inverse_cdf_sampler_is_a_function_of_the_seed_tensor_alone():
+    logits, _ = _inputs(200, 50, torch.float32, seed=8, scale=0.3)
+
+    def draw(seed):
+        return sample_from_softmax_reference(logits, seed=seed, temperature=1.0, noise="inverse_cdf")
+
+    torch.manual_seed(0)
+    rng_state = torch.get_rng_state()
+    first = draw(_seed(3))
+    assert torch.equal(torch.get_rng_state(), rng_state)  # torch's global RNG neither read nor advanced
+    torch.manual_seed(1234)
+    assert torch.equal(draw(_seed(3)), first)
+    assert torch.equal(draw(3), first)  # the int form is the same stream
+    assert torch.equal(
+        sample_from_softmax_reference(logits, seed=_seed(3), temperature=1.0, noise="torch"), first
+    )  # the model's current name for it
+    # 200 near-uniform draws over 50 ids: another seed agreeing on more than a few rows ignores the seed.
+    assert int((draw(_seed(4)) == first).sum()) < 20
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_inverse_cdf_sampler_frequencies_match_softmax(temperature):
+    rows, vocab = 20000, 6
+    row_logits = torch.tensor([1.0, 0.6, 0.3, 0.0, -0.3, -0.6])
+    logits = row_logits.expand(rows, vocab).contiguous().to(DEVICE)
+    samples = sample_from_softmax_reference(
+        logits, seed=_seed(2024), temperature=temperature, noise="inverse_cdf"
+    )
+    observed = torch.bincount(samples.cpu(), minlength=vocab).double()
+    expected = torch.softmax(row_logits.double() / temperature, dim=0) * rows
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_999[vocab - 1], (chi2, observed.tolist(), expected.tolist())
+
+
+def test_inverse_cdf_sampler_never_draws_a_zero_probability_token():
+    rows = 20000
+    row = torch.tensor([float("-inf"), 0.5, float("-inf"), 0.0, -1.0, float("-inf")])  # first, middle, last
+    samples = sample_from_softmax_reference(
+        row.expand(rows, 6).contiguous().to(DEVICE), seed=_seed(11), temperature=0.5, noise="inverse_cdf"
+    )
+    counts = torch.bincount(samples.cpu(), minlength=6)
+    assert counts[0] == 0 and counts[2] == 0 and counts[5] == 0
+    keep = torch.tensor([1, 3, 4])
+    expected = torch.softmax(row[keep] / 0.5, -1) * rows
+    chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+    assert chi2 < 13.8, chi2  # 2 dof: P(chi2 > 13.8) ~ 1e-3
+
+
+@pytest.mark.parametrize(("uniform", "want"), [(0.0, 1), (1.0, 3)])
+def test_inverse_cdf_extreme_uniforms_land_on_positive_probability_tokens(monkeypatch, uniform, want):
+    """u = 0 and u = 1 (past the largest uniform Philox returns) still pick the first / last token of
+    positive probability, never a zero-probability neighbour."""
+    import kernels.sampling as sampling
+
+    monkeypatch.setattr(sampling, "philox_uniform", lambda seed, offsets: torch.full(offsets.shape, uniform))
+    row = torch.tensor([float("-inf"), 0.5, float("-inf"), 0.0, float("-inf")])
+    samples = sampling.sample_from_softmax_reference(
+        row.expand(4, 5).contiguous(), seed=_seed(0), temperature=1.0, noise="inverse_cdf"
+    )
+    assert samples.tolist() == [want] * 4
+
+
+@pytest.mark.parametrize("noise", ["inverse_cdf", "philox"])
+def test_reference_samples_stay_valid_ids_for_non_finite_logits(noise):
+    """A diverged step (NaN / inf logits) still samples ids an embedding can look up."""
+    logits = torch.randn(4, 9, device=DEVICE)
+    logits[0] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    samples = sample_from_softmax_reference(logits, seed=_seed(0), temperature=1.0, noise=noise)
+    assert torch.all((samples >= 0) & (samples < 9)), samples

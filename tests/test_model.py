@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AlbertConfig, BertConfig, ElectraConfig
 
-from alectra.masking import derive_seed, mask_tokens
+from alectra.masking import mask_tokens
 from alectra.model import ElectraPretrainingModel, finalize_metrics
 from alectra.presets import ModelConfig, get_preset
+from alectra.seeds import Stream, derive_seed
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 VOCAB = 1000
@@ -90,7 +91,7 @@ def test_tying_holds_after_adamw_steps():
 def test_untied_generator_embeddings_train_separately():
     """The reference's `untied_generator_embeddings`: two embedding sets, each network trains its own, and
     the generator's output layer stays tied to the generator's word embeddings."""
-    model = build(tiny(untied_generator_embeddings=True))
+    model = build(tiny(embedding_tying="untied"))
     gen_emb, disc_emb = model.generator.base_model.embeddings, model.discriminator.base_model.embeddings
     assert gen_emb is not disc_emb
     assert model.generator.get_output_embeddings().weight is gen_emb.word_embeddings.weight
@@ -123,7 +124,7 @@ def test_masked_only_projection_equals_full_projection():
     masked = mask_tokens(
         ids,
         attention_mask,
-        seed=derive_seed(seed, 0),
+        seed=derive_seed(seed, Stream.MASKING),
         special_token_ids=SPECIALS,
         max_predictions=model.config.max_predictions_for(ids.shape[1]),
     )
@@ -235,9 +236,10 @@ def test_preset_parameter_counts():
     # Paper (Clark et al. 2020, Table 1/8): ELECTRA-Small 14M, Base 110M (discriminator incl. embeddings).
     assert 13.0e6 < counts["electra-small"]["discriminator"] < 14.5e6
     assert 105e6 < counts["electra-base"]["discriminator"] < 112e6
-    # ALECTRA-Small: 12 layers share one group, so the discriminator encoder is one ELECTRA-Small layer.
-    layer = 4 * 256 * 256 + 2 * 256 * 1024
-    assert layer < counts["alectra-small"]["discriminator_only"] < 1.1 * layer
+    # ALECTRA-Small: 12 layers share one group, so the discriminator encoder is one ELECTRA-Small layer
+    # (plus projection, biases, LayerNorms); the ELECTRA RTD head adds dense(256) + dense(1).
+    layer, head = 4 * 256 * 256 + 2 * 256 * 1024, (256 * 256 + 256) + (256 + 1)
+    assert layer < counts["alectra-small"]["discriminator_only"] - head < 1.1 * layer
     assert get_preset("electra-small").generator_hidden_size == 64
     assert get_preset("electra-base").generator_hidden_size == 256
 
@@ -299,3 +301,65 @@ def test_torch_noise_sampler_never_draws_a_zero_probability_token_and_follows_te
     expected = torch.softmax(row[keep] / 0.5, -1) * rows
     chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
     assert chi2 < 13.8, chi2  # 2 dof: P(chi2 > 13.8) ~ 1e-3
+
+
+def test_seed_tensor_gives_the_int_seeds_step_and_bad_seeds_are_clear_errors():
+    model = build(tiny(kernels="auto")).eval()
+    batch = make_batch()
+    by_int = model(*batch, seed=2**62 + 3)
+    by_tensor = model(*batch, seed=torch.tensor(2**62 + 3))
+    assert torch.equal(by_int.loss, by_tensor.loss)
+    assert all(torch.equal(by_int.metrics[k], by_tensor.metrics[k]) for k in by_int.metrics)
+    with pytest.raises(ValueError, match="seed must be an int64 0-dim tensor"):
+        model(*batch, seed=torch.tensor([1]))
+    with pytest.raises(ValueError, match="seed must be an int64 0-dim tensor"):
+        model(*batch, seed=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="seed must be an int64 0-dim tensor or an int"):
+        model(*batch, seed=2**63)
+
+
+def test_a_deep_copy_runs_its_own_generator_head():
+    """The MLM head is looked up on the module at each call, so a copy does not keep running the original's
+    head (a stored closure did: the compiled-vs-eager comparison trains a deep copy)."""
+    import copy
+
+    model = build().eval()
+    twin = copy.deepcopy(model)
+    batch = make_batch()
+    before = twin(*batch, seed=4).gen_loss
+    with torch.no_grad():
+        model.generator.generator_predictions.dense.weight.mul_(3.0)
+    assert torch.equal(twin(*batch, seed=4).gen_loss, before)
+    assert not torch.equal(model(*batch, seed=4).gen_loss, before)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_the_encoders_4d_mask_gives_hfs_own_result(implementation):
+    """The model hands each encoder a ready 4-D mask (alectra.model.encoder_attention_mask) so that HF does
+    not read the 2-D mask on the host; the hidden states at real tokens equal HF's own masking's."""
+    from alectra.model import build_hf_configs, encoder_attention_mask
+
+    generator, discriminator = build_hf_configs(tiny(discriminator_arch="albert"), VOCAB)
+    for hf_config in (generator, discriminator):
+        hf_config._attn_implementation = implementation
+    model = build(tiny(discriminator_arch="albert"), hf_configs=(generator, discriminator)).eval()
+    ids, attention_mask, token_type_ids = make_batch()
+    attention_mask[2, 5:] = 0
+    real = attention_mask.bool()
+    for network in (model.generator.base_model, model.discriminator.base_model):
+        assert network.config._attn_implementation == implementation
+        mask = encoder_attention_mask(network.config, attention_mask, torch.float32)
+        with torch.no_grad():
+            ours = network(input_ids=ids, attention_mask=mask, token_type_ids=token_type_ids)
+            hfs = network(input_ids=ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        torch.testing.assert_close(ours.last_hidden_state[real], hfs.last_hidden_state[real])
+
+
+def test_a_checkpoint_with_the_old_head_alias_still_loads():
+    """Before the head was looked up per call, a BERT/ALBERT generator's MLM head was also registered as
+    `_mlm_head` and saved twice; such a state dict loads strictly, and the alias is not saved any more."""
+    model = build(tiny(generator_arch="albert"))
+    state = model.state_dict()
+    assert not any(k.startswith("_mlm_head.") for k in state)
+    old = {**state, **{f"_mlm_head.{k}": v for k, v in model.generator.predictions.state_dict().items()}}
+    build(tiny(generator_arch="albert")).load_state_dict(old, strict=True)

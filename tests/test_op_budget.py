@@ -92,10 +92,11 @@ def build(tmp_path: Path, name: str, precision: str, bucket: int | None = None, 
     cfg.train.global_batch_size = ARGS.batch * torch.distributed.get_world_size()
     for key, value in train.items():
         setattr(cfg.train, key, value)
-    ds_config = bench_ops.resolved_ds_config(cfg, ds_json(name), precision)
+    plan = bench_ops.resolved_plan(cfg, ds_json(name), precision)
     if bucket is not None:
-        ds_config["zero_optimization"]["reduce_bucket_size"] = bucket
-    engine = build_engine(bench_ops.build_model(cfg, torch.device("cpu")), cfg, ds_config)
+        plan.config["zero_optimization"]["reduce_bucket_size"] = bucket
+    model = bench_ops.build_model(cfg, torch.device("cpu"))
+    engine = build_engine(model, cfg, plan.config, offload=plan.offload_optimizer)
     return engine, cfg, bench_ops.synthetic_batch(ARGS)
 
 
@@ -118,18 +119,26 @@ def snapshot(engine) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("name", "precision", "bad"),
-    [("zero1", "bf16", "nan"), ("zero2", "bf16", "inf"), ("zero2", "fp32", "nan")],
+    ("name", "precision", "bad", "optimizer"),
+    [
+        ("zero1", "bf16", "nan", "adamw"),
+        ("zero2", "bf16", "inf", "adamw"),
+        ("zero2", "fp32", "nan", "adamw"),
+        ("zero1", "fp32", "inf", "lamb"),
+        ("zero2", "bf16", "nan", "lamb"),
+    ],
 )
 def test_nonfinite_gradient_skips_the_step_on_the_device(
-    single_process_group, tmp_path, name, precision, bad
+    single_process_group, tmp_path, name, precision, bad, optimizer
 ):
-    """An inf/NaN in one gradient: weights, master weights and Adam state untouched, the step counted as
-    skipped, the LR schedule advanced (GradScaler convention), Adam's step count only counting applied steps;
-    the next clean step applies."""
-    engine, cfg, batch = build(tmp_path, name, precision, lr=1e-2, warmup_steps=0)
+    """An inf/NaN in one gradient: weights, master weights and optimizer state untouched, the step counted as
+    skipped, the LR schedule advanced (GradScaler convention), the optimizer's step count only counting
+    applied steps; the next clean step applies. AdamW (torch's fused kernel) and LAMB (alectra.optim)."""
+    engine, cfg, batch = build(tmp_path, name, precision, lr=1e-2, warmup_steps=0, optimizer=optimizer)
     try:
         assert engine.optimizer.fused
+        if optimizer == "lamb":
+            assert engine.optimizer.optimizer.layouts  # per-parameter norms over the partitions
         train_step(engine, batch, seed=0)
         assert engine.was_step_applied() and engine.skipped_steps == 0
         before = snapshot(engine)
@@ -154,6 +163,7 @@ def test_nonfinite_gradient_skips_the_step_on_the_device(
             assert torch.isfinite(value).all(), key
         for state in engine.optimizer.optimizer.state.values():
             assert float(state["step"]) == 2  # bias correction: the two applied steps
+        assert getattr(engine.optimizer.optimizer, "found_inf", None) is None  # not left set after the step
     finally:
         engine.destroy()
 
@@ -205,9 +215,7 @@ def two_rank_worker(out: Path) -> None:
     """Run by `test_two_ranks_chunks_and_skip` under torchrun: ZeRO-2 fp32 on 2 ranks with different batches,
     one chunk per group and >20 chunks (many outside this rank's partition), 2 clean steps, then a step with
     a NaN gradient on rank 1 only. Writes out/rank<r>.json."""
-    from alectra.training.build import init_distributed
-
-    init_distributed()
+    bench_ops.init_process_group()
     rank = torch.distributed.get_rank()
     result: dict[str, object] = {}
     for bucket in (50_000_000, 5_000):

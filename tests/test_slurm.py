@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from alectra.distributed import expand_nodelist
+from tests import waiting
 from tests.slurm.cluster import SlurmCluster, slurm_available
 
 pytestmark = [
@@ -66,7 +67,7 @@ def _sbatch(cluster, log: Path, args: list[str], script="slurm/pretrain.sh", **e
 def _wait(cluster, job_id: str, timeout: float = 200) -> tuple[str, int]:
     """(final state, exit code) once the job has ended for good; a requeued job goes on. Polls every
     0.25 s: `sbatch --wait` polls with growing sleeps and added up to 30 s per job here."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + waiting.deadline(timeout)
     while time.monotonic() < deadline:
         state = _job_field(cluster, job_id, "JobState")
         if state in (
@@ -80,7 +81,7 @@ def _wait(cluster, job_id: str, timeout: float = 200) -> tuple[str, int]:
         ):
             return state, int(_job_field(cluster, job_id, "ExitCode").split(":")[0])
         time.sleep(0.25)
-    raise AssertionError(f"job {job_id} still {state} after {timeout} s")
+    raise AssertionError(f"job {job_id} still {state} after {waiting.deadline(timeout):.0f} s")
 
 
 def _job_field(cluster, job_id: str, name: str) -> str:
@@ -117,7 +118,7 @@ def pretrain_runs(cluster, demo_data, tmp_path_factory):
         OMPI_ALLOW_RUN_AS_ROOT="1",  # the test cluster runs jobs as root
         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
     )
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + waiting.deadline(150)
     # the console line is "train step 3/40: ..."
     while time.monotonic() < deadline and not re.search(r"^train step 3\b", _read(tmp / "pre.out"), re.M):
         time.sleep(0.2)
@@ -210,7 +211,39 @@ def test_configuration_error_is_not_requeued(cluster, tmp_path):
     end = _wait(cluster, job_id, timeout=60)
     log = (tmp_path / "job.out").read_text()
     assert end == ("FAILED", 2), log
-    assert "configuration error (exit 2" in log and RUN_HEADER.findall(log) == ["unset"], log
+    assert "user error (exit 2" in log and RUN_HEADER.findall(log) == ["unset"], log
+
+
+def test_exception_on_one_rank_ends_the_step_and_counts_as_a_crash(cluster, demo_data, tmp_path):
+    """The real trainer, rank 1 raising before step 3 (tests/fault_inject.py): rank 0, left in a collective,
+    exits too, so the step ends long before srun --wait (600 s here) would end it; the template counts a
+    crash and requeues once (MAX_CRASH_RETRIES=1), the requeued run resumes from step 2 and fails the same
+    way, and the job fails with the trainer's exit code."""
+    log_file = tmp_path / "job.out"
+    job_id = _sbatch(
+        cluster,
+        log_file,
+        [*PRETRAIN_ARGS, "--checkpoint.every", "1"],
+        TRAIN_SCRIPT="tests/fault_inject.py",
+        DATA=str(demo_data),
+        OUTPUT=str(tmp_path / "run"),
+        MAX_CRASH_RETRIES="1",
+        SRUN_WAIT="600",
+        ALECTRA_FAULT="raise@3@1",
+    )
+    deadline = time.monotonic() + 300
+    while "training failed with exit" not in _read(log_file) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    step_ended = time.time()
+    fault = float(re.search(r"^fault-injected-at (\S+)", _read(log_file), re.M).group(1))
+    state, exit_code = _wait(cluster, job_id, timeout=300)
+    log = log_file.read_text()
+    assert (state, exit_code) == ("FAILED", 1), log
+    assert log.count("error: [rank 1] RuntimeError: injected fault before step 3") == 2, log
+    assert "collective operation failed" in log  # rank 0's line
+    assert "crash retry 1 of 1" in log and "giving up" in log and "step_2 (step 2); 2 rank(s)" in log
+    took = step_ended - fault
+    print(f"fault-table: | srun, exception on rank 1 of 2 | step ends, crash counted | 1 | {took:.1f} |")
 
 
 def test_template_rejects_missing_config_with_one_line(cluster, tmp_path):

@@ -1,25 +1,14 @@
-"""Reading side of the data path: mmap'd indexed shards, ELECTRA examples, train/valid split, blending,
-the resumable sampler and DataLoader (interfaces in docs/architecture.md).
+"""Reading side of the data path: ELECTRA examples from indexed shards (alectra.storage), train/valid split,
+blending, the resumable sampler and DataLoader (interfaces in docs/architecture.md).
 
-Torch-based names load on first use so that ``data_prep`` (which needs only the format) starts fast.
+Torch-based names load on first use.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from alectra.data.indexed import IndexedDataset, IndexedDatasetWriter
-from alectra.data.manifest import check_tokenizer, load_manifest
-
-__all__ = [
-    "IndexedDataset",
-    "IndexedDatasetWriter",
-    "MegatronPretrainingSampler",
-    "build_dataloader",
-    "build_pretraining_datasets",
-    "check_tokenizer",
-    "load_manifest",
-]
+__all__ = ["MegatronPretrainingSampler", "build_dataloader", "build_pretraining_datasets"]
 
 _LAZY = {
     "build_pretraining_datasets": "alectra.data.datasets",

@@ -8,24 +8,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alectra.data.examples import ExampleBuilder, load_or_build_plan
-from alectra.data.indexed import IndexedDataset
-from alectra.data.manifest import load_manifest
+from alectra.data import rules
+from alectra.data.examples import ExampleBuilder, LinePairBuilder, load_or_build_plan
+from alectra.storage.integrity import open_shards
+from alectra.storage.manifest import load_manifest
 
 
 class ExamplePool:
     """All planned examples of one dataset folder, shuffled once and split into train/valid."""
 
-    def __init__(self, data_path: str, *, max_seq_length: int, seed: int, valid_fraction: float) -> None:
+    def __init__(
+        self,
+        data_path: str,
+        *,
+        max_seq_length: int,
+        seed: int,
+        valid_fraction: float,
+        examples: str = "electra",
+    ) -> None:
         self.manifest = load_manifest(data_path)
         root = Path(self.manifest["_dir"])
-        self.shards = [IndexedDataset(root / s["prefix"]) for s in self.manifest["shards"]]
-        for s, ds in zip(self.manifest["shards"], self.shards, strict=True):
-            if len(ds) != s["sequences"] or ds.num_tokens != s["tokens"]:
-                raise ValueError(
-                    f"{ds.prefix}: {len(ds)} sequences / {ds.num_tokens} tokens, the manifest says "
-                    f"{s['sequences']} / {s['tokens']}; run `python -m data_prep verify {root}`"
-                )
+        # sizes and counts every time, checksums and token range once per shard identity (ShardError)
+        self.shards = open_shards(self.manifest)
         shard_ids = [s["bin_sha256"] for s in self.manifest["shards"]]
         wrapped = bool(self.manifest.get("special_tokens_in_sequences", False))
         self.plan = load_or_build_plan(
@@ -35,14 +39,17 @@ class ExamplePool:
             max_seq_length=max_seq_length,
             seed=seed,
             special_tokens_in_sequences=wrapped,
-        )  # (E, 4)
-        self.builder = ExampleBuilder(
+            examples=examples,
+        )  # (E, 4); line pairs: (E, 3)
+        builder = LinePairBuilder if examples == "line_pairs" else ExampleBuilder
+        self.builder = builder(
             self.shards,
             max_seq_length=max_seq_length,
             special_tokens=self.manifest["tokenizer"]["special_tokens"],
             strip_special_tokens=wrapped,
         )
-        self._rows = self.plan.view(np.ndarray)  # (E, 4) same memory, without np.memmap's per-slice overhead
+        # (E, 4) or (E, 3), same memory, without np.memmap's per-slice overhead
+        self._rows = self.plan.view(np.ndarray)
         n = len(self.plan)
         # Deterministic split: one permutation of all examples from `seed`; the first part is validation.
         order = np.random.default_rng([seed, 0x5EED]).permutation(n)
@@ -158,27 +165,23 @@ def build_pretraining_datasets(
     seed: int,
     valid_fraction: float,
     num_train_samples: int | None,
+    examples: str = "electra",
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """``(train_ds, valid_ds)`` over the dataset folders in ``data_paths`` (see docs/architecture.md).
 
     ``ds[i]`` is a dict of int64 arrays ``(max_seq_length,)``: ``input_ids``, ``attention_mask``,
     ``token_type_ids``; a pure function of ``(seed, i)``. ``num_train_samples`` larger than the data repeats
-    it in reshuffled epochs; ``weights`` (one per path) mix several datasets.
+    it in reshuffled epochs; ``weights`` (one per path) mix several datasets. ``examples``: ``"electra"``
+    (google-research/electra's packing) or ``"line_pairs"`` (the seed's recipe; alectra.data.examples).
     """
     if not data_paths:
         raise ValueError("data_paths is empty; pass at least one dataset folder built by data_prep")
-    if weights is not None and (
-        len(weights) != len(data_paths) or any(w < 0 for w in weights) or sum(weights) <= 0
-    ):
-        raise ValueError(f"weights {weights}: need one non-negative weight per data path, not all zero")
-    if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction={valid_fraction}: must be in [0, 1)")
+    rules.check_weights(weights, len(data_paths))
+    rules.check_valid_fraction(valid_fraction)
     if num_train_samples is not None and num_train_samples < 1:
         raise ValueError(f"num_train_samples={num_train_samples}: must be positive or None")
-    pools = [
-        ExamplePool(p, max_seq_length=max_seq_length, seed=seed, valid_fraction=valid_fraction)
-        for p in data_paths
-    ]
+    kw = dict(max_seq_length=max_seq_length, seed=seed, valid_fraction=valid_fraction, examples=examples)
+    pools = [ExamplePool(p, **kw) for p in data_paths]
     _check_same_tokenizer(pools, data_paths)
     valid_parts = [
         ElectraDataset(p, p.valid_ids, num_samples=None, seed=seed, shuffle_epochs=False) for p in pools

@@ -7,16 +7,22 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import pathlib
 import sys
 import tempfile
 import time
 
-from alectra.glue.finetune import HEADS, FinetuneConfig, count_encoder_parameters, finetune_task
+from alectra.glue.finetune import (
+    HEADS,
+    LOSS_REDUCTIONS,
+    FinetuneConfig,
+    count_encoder_parameters,
+    finetune_task,
+)
 from alectra.glue.report import build_report, to_markdown, write_report
 from alectra.glue.tasks import load_hub_task, load_local_task, parse_task_list
+from alectra.storage.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recipe = p.add_argument_group("recipe overrides (defaults: ELECTRA-Small's GLUE recipe)")
     defaults = FinetuneConfig()
     for field in dataclasses.fields(FinetuneConfig):
-        if field.name in ("head", "double_unordered", "device"):
+        if field.name in ("head", "double_unordered", "device", "loss_reduction"):
             continue
         default = getattr(defaults, field.name)
         kind = (
@@ -66,6 +72,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.head,
         help="electra: dropout + linear on [CLS] (reference); mean: the same on the mean over real tokens; "
         "auto: the architecture's own HF head",
+    )
+    recipe.add_argument(
+        "--loss-reduction",
+        choices=LOSS_REDUCTIONS,
+        default=defaults.loss_reduction,
+        help="sum: per-example losses summed over the batch before clipping (reference); mean: averaged",
     )
     recipe.add_argument(
         "--no-double-unordered",
@@ -89,22 +101,10 @@ def resolve_model_dir(model: pathlib.Path, scratch: pathlib.Path) -> pathlib.Pat
     from alectra.export import export_checkpoint
 
     print(f"[glue] exporting checkpoint {model} to {scratch}", file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's checkpoint reader prints progress to stdout
-        export_checkpoint(model, scratch)
+    export_checkpoint(model, scratch)
     if not (scratch / "discriminator" / "config.json").is_file():
         raise ValueError(f"--model {model}: exporting it gave no discriminator/config.json")
     return scratch / "discriminator"
-
-
-def load_tokenizer(model_dir: pathlib.Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"{model_dir}: no usable tokenizer files (vocab.txt / tokenizer.json): {exc}"
-        ) from exc
 
 
 def run(args: argparse.Namespace) -> dict:

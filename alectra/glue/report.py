@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
 from alectra.glue.finetune import RunResult
 from alectra.glue.tasks import TASKS
+from alectra.storage.atomic import write_text_atomic
 
 TABLE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
 HEADLINE_METRIC = {"cola": "mcc", "stsb": "spearman"}  # accuracy for the others
@@ -132,22 +131,10 @@ def parse_results_table(markdown: str) -> list[dict[str, str | float | None]]:
     return rows
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict, output_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """`<output_dir>/glue_results.md` and `glue_results.json`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
     md, js = output_dir / "glue_results.md", output_dir / "glue_results.json"
-    write_atomic(md, to_markdown(report))
-    write_atomic(js, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(md, to_markdown(report))
+    write_text_atomic(js, json.dumps(report, indent=2) + "\n")
     return md, js

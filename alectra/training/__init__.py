@@ -1,6 +1,6 @@
 """The training engine: DeepSpeed loop, checkpoints, metrics, DeepSpeed-config filling, stop signals.
 
-`alectra/pretrain.py` is the entry point; `build_trainer(cfg, ds_json)` builds a `Trainer` whose `train()`
+`alectra/pretrain.py` is the entry point; `build_trainer(cfg, plan, data)` builds a `Trainer` whose `train()`
 returns the process exit code: EXIT_OK (0), or EXIT_REQUEUE (75, BSD EX_TEMPFAIL) after SIGTERM/SIGUSR1
 made it save a checkpoint. Importing the exit codes does not import torch or DeepSpeed.
 """

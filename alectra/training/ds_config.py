@@ -1,9 +1,13 @@
-"""Fill a DeepSpeed JSON from the run config and check that the two agree.
+"""A DeepSpeed JSON resolved once into a `DeepSpeedPlan`, before DeepSpeed is imported.
 
 `ds_configs/*.json` leave batch sizes, clipping, precision and the monitor as `"auto"` (the convention of
 the Hugging Face DeepSpeed integration); every such value is filled here from the RunConfig, and an explicit
 value that disagrees with the run config is an error rather than a silent winner. The optimizer and LR
-schedule are built in alectra.training.optim, so a JSON `optimizer`/`scheduler` block is rejected.
+schedule come from the run config (alectra.optim), so a JSON `optimizer`/`scheduler` block is rejected.
+
+The plan carries the complete JSON (what `deepspeed.initialize` gets and `<output_dir>/ds_config.json`
+records) and the facts the rest of training reads from it — ZeRO stage, precision, optimizer offload, the
+batch sizes with gradient accumulation and data-parallel size — so nothing downstream parses the JSON again.
 """
 
 from __future__ import annotations
@@ -16,27 +20,57 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from alectra.config import ConfigError, RunConfig
+from alectra.config import BatchSizes, ConfigError, RunConfig
+from alectra.storage.atomic import write_json_atomic
+from alectra.training import ds_env
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class Hardware:
     """What the precision choice depends on."""
 
     accelerator: str
     """DeepSpeed accelerator name: "cuda", "cpu", ..."""
     bf16_supported: bool
-    """Whether the accelerator computes in bf16 (Ampere+ GPUs)."""
-    dp_size: int
-    """Data-parallel world size."""
+    """Whether the accelerator computes in bf16, as DeepSpeed's accelerator reports it (Ampere+ GPUs; its CPU
+    accelerator says yes, but training on a CPU stays in fp32)."""
 
-    def __post_init__(self) -> None:
-        if self.dp_size < 1:
-            raise ValueError(f"Hardware.dp_size must be >= 1, got {self.dp_size}")
+
+def detect_hardware() -> Hardware:
+    """This process's accelerator, for CUDA and the CPU without importing DeepSpeed (`ds_env.prepare`)."""
+    name = ds_env.prepare()
+    if name == "cpu":
+        return Hardware(accelerator="cpu", bf16_supported=True)  # deepspeed/accelerator/cpu_accelerator.py
+    if name == "cuda":
+        import torch
+
+        return Hardware(accelerator="cuda", bf16_supported=torch.cuda.is_bf16_supported())
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    return Hardware(accelerator=accel.device_name(), bf16_supported=accel.is_bf16_supported())
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedPlan:
+    """A DeepSpeed JSON resolved for one run (`resolve_ds_config`)."""
+
+    config: dict[str, Any]
+    """The complete DeepSpeed config: every "auto" filled; what `deepspeed.initialize` gets."""
+    accelerator: str
+    """DeepSpeed accelerator name the plan was made for: "cuda", "cpu", ..."""
+    zero_stage: int
+    """ZeRO stage 0-3."""
+    precision: str
+    """"bf16", "fp16" or "fp32"."""
+    offload_optimizer: bool
+    """Whether the optimizer step runs on the CPU (ZeRO-Offload: DeepSpeedCPUAdam)."""
+    batch: BatchSizes
+    """Global and micro batch, gradient accumulation, data-parallel size."""
 
 
 def load_ds_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -65,19 +99,6 @@ def _fill(section: dict, key: str, value: Any, where: str) -> None:
         )
 
 
-def gradient_accumulation_steps(cfg: RunConfig, dp_size: int) -> int:
-    """global = micro x accumulation x data-parallel size, checked with an error naming all three."""
-    per_step = cfg.train.micro_batch_size * dp_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={cfg.train.micro_batch_size} x data-parallel size={dp_size} "
-            f"(= {per_step}); "
-            f"change one of them so that micro x grad-accum x ranks = global"
-        )
-    return cfg.train.global_batch_size // per_step
-
-
 def _precision(cfg: RunConfig, ds: dict, hw: Hardware) -> str:
     """bf16/fp16/fp32 from train.precision, the JSON and the hardware (half precision only on GPUs)."""
     explicit = [name for name in ("bf16", "fp16") if ds.get(name, {}).get("enabled", AUTO) is True]
@@ -88,6 +109,8 @@ def _precision(cfg: RunConfig, ds: dict, hw: Hardware) -> str:
         raise ConfigError(
             f"DeepSpeed JSON enables {explicit[0]} but train.precision={wanted!r}; make them agree"
         )
+    if wanted == AUTO and not explicit and hw.accelerator == "cpu":
+        return "fp32"  # "auto" = half precision where the accelerator computes in it: not a CPU
     if wanted == AUTO:
         wanted = explicit[0] if explicit else ("bf16" if hw.bf16_supported else "fp32")
     if wanted in ("bf16", "fp16") and hw.accelerator == "cpu":
@@ -100,8 +123,9 @@ def _precision(cfg: RunConfig, ds: dict, hw: Hardware) -> str:
     return wanted
 
 
-def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> dict[str, Any]:
-    """A complete DeepSpeed config: every "auto" filled from `cfg` and `hw`, the batch arithmetic checked.
+def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware, dp_size: int) -> DeepSpeedPlan:
+    """The plan of a run on `dp_size` data-parallel ranks: every "auto" filled from `cfg` and `hw`, every
+    explicit value checked against them, the batch arithmetic checked (`TrainSection.batch_sizes`).
 
     With W&B enabled it also sets WANDB_DIR (if unset) to `<output_dir>/logs`, before DeepSpeed's wandb.init.
     """
@@ -112,10 +136,10 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
                 f"DeepSpeed JSON has an {block!r} block; remove it: the optimizer and schedule come from "
                 f"the run config (train.optimizer, train.lr, train.warmup_steps, ...)"
             )
-    accumulation = gradient_accumulation_steps(cfg, hw.dp_size)
-    _fill(ds, "train_batch_size", cfg.train.global_batch_size, "train_batch_size")
-    _fill(ds, "train_micro_batch_size_per_gpu", cfg.train.micro_batch_size, "train_micro_batch_size_per_gpu")
-    _fill(ds, "gradient_accumulation_steps", accumulation, "gradient_accumulation_steps")
+    batch = cfg.train.batch_sizes(dp_size)
+    _fill(ds, "train_batch_size", batch.global_batch_size, "train_batch_size")
+    _fill(ds, "train_micro_batch_size_per_gpu", batch.micro_batch_size, "train_micro_batch_size_per_gpu")
+    _fill(ds, "gradient_accumulation_steps", batch.grad_accum, "gradient_accumulation_steps")
     _fill(ds, "gradient_clipping", cfg.train.clip_grad_norm, "gradient_clipping")
     # The trainer prints its own progress; DeepSpeed's per-step report would interleave with the bar.
     _fill(ds, "steps_per_print", cfg.train.steps + 1, "steps_per_print")
@@ -129,23 +153,22 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
         ds.setdefault(name, {})["enabled"] = precision == name
 
     zero = ds.setdefault("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    offload = offloads_optimizer(ds)
-    if cfg.train.optimizer == "lamb" and stage != 0:
+    stage = int(zero.get("stage", 0))
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    if stage == 0:
         raise ConfigError(
-            f"train.optimizer=lamb needs zero_optimization.stage 0 (ZeRO stage {stage} flattens parameters "
-            f"into partitions, which breaks LAMB's per-tensor trust ratio); use adamw or a stage-0 JSON"
+            f"zero_optimization.stage 0 with {cfg.train.optimizer}: the non-finite-step skip needs "
+            "DeepSpeed's ZeRO optimizer; use ds_configs/zero1.json (same math, optimizer state sharded)"
         )
-    if cfg.train.optimizer == "lamb" and precision != "fp32":
-        raise ConfigError(
-            f"train.optimizer=lamb runs in fp32 only ({precision}: DeepSpeed's mixed-precision wrappers "
-            f"flatten parameters, which breaks LAMB's per-tensor trust ratio); pass --train.precision fp32"
-        )
-    if cfg.train.optimizer == "adamw" and stage == 0:
-        raise ConfigError(
-            "zero_optimization.stage 0 with adamw: the non-finite-step skip needs DeepSpeed's ZeRO "
-            "optimizer; use ds_configs/zero1.json (same math, optimizer state sharded)"
-        )
+    if cfg.train.optimizer == "lamb":
+        if stage not in (1, 2):
+            raise ConfigError(
+                f"train.optimizer=lamb supports ZeRO stage 1 and 2 (per-parameter norms over the flat "
+                f"partitions, alectra.training.zero.segment_layouts), got stage {stage}; use "
+                "ds_configs/zero1.json or zero2.json"
+            )
+        # DeepSpeed lists the optimizers it has tested with ZeRO; LAMB's partition handling is ours.
+        _fill(ds, "zero_allow_untested_optimizer", True, "zero_allow_untested_optimizer")
     if offload and cfg.train.optimizer != "adamw":
         raise ConfigError("offload_optimizer needs train.optimizer=adamw (DeepSpeedCPUAdam)")
 
@@ -165,30 +188,16 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware) -> 
         # explicit WANDB_DIR wins) instead of ./wandb in whatever folder the run was started from.
         os.makedirs(logs, exist_ok=True)
         os.environ.setdefault("WANDB_DIR", logs)
-    return ds
-
-
-def zero_stage(ds: dict[str, Any]) -> int:
-    """ZeRO stage of a (resolved) DeepSpeed config."""
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
-def offloads_optimizer(ds: dict[str, Any]) -> bool:
-    """Whether the optimizer step runs on the CPU (ZeRO-Offload)."""
-    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (
-        "none",
-        None,
+    return DeepSpeedPlan(
+        config=ds,
+        accelerator=hw.accelerator,
+        zero_stage=stage,
+        precision=precision,
+        offload_optimizer=offload,
+        batch=batch,
     )
-
-
-def precision_of(ds: dict[str, Any]) -> str:
-    """ "bf16", "fp16" or "fp32" of a resolved DeepSpeed config."""
-    return next((name for name in ("bf16", "fp16") if ds.get(name, {}).get("enabled") is True), "fp32")
 
 
 def write_ds_config(ds: dict[str, Any], path: str | os.PathLike) -> None:
     """Save the resolved JSON next to the run config, atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(ds, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, ds, sort_keys=False)

@@ -3,9 +3,15 @@ shown on rank 0's console (tqdm bar with ETA + one line per report) and written 
 (TensorBoard / CSV / W&B, whichever the resolved JSON enables).
 
 W&B keeps one monotonic step per run and drops anything logged at a smaller step, while DeepSpeed's engine
-logs its own `Train/Samples/*` events (lr, loss) at the number of samples seen, which runs ahead of the
-optimizer step; so W&B gets each report as one row at the optimizer step (`StepWandb`) and not the engine's
-sample-indexed duplicates (they stay in TensorBoard/CSV).
+logs its own `Train/Samples/lr` event at the number of samples seen, which runs ahead of the optimizer
+step (it logs no loss: our forward returns an ElectraOutput, not a loss tensor); so W&B gets each report as
+one row at the optimizer step (`StepWandb`) and not the engine's sample-indexed events (they stay in
+TensorBoard/CSV).
+
+A resumed run re-does the steps after its checkpoint, and DeepSpeed's CSV and TensorBoard monitors would
+append them again; so at start rank 0 drops what the logs hold beyond the step it starts from (the samples
+seen, for the engine's events), and every step has one row (`forget_steps_after`). A value that is NaN
+(a ratio of zero counts, e.g. replaced_precision when nothing is predicted replaced) is not reported.
 
 Throughput counts every position of a (B, T) batch (padding included), the unit `flops_per_token` uses; MFU
 is achieved FLOP/s over the accelerator's dense peak for the run's precision (no sparsity).
@@ -13,11 +19,17 @@ is achieved FLOP/s over the accelerator's dense peak for the run's precision (no
 
 from __future__ import annotations
 
+import csv
 import datetime
+import io
+import logging
 import math
 import resource
+import struct
 import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +37,9 @@ import torch.distributed
 from tqdm import tqdm
 
 from alectra.model import METRIC_KEYS, ElectraOutput, finalize_metrics
+from alectra.storage.atomic import write_bytes_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s per GPU from NVIDIA's data sheets (SXM parts; bf16 = fp16 tensor cores, fp32 = TF32).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -136,6 +151,8 @@ class MetricsReporter:
             else None
         )
         self.total_steps = total_steps
+        if is_rank0:
+            forget_steps_after(engine.monitor, start_step, start_step * samples_per_step)
         self._start, self._start_step = time.perf_counter(), start_step
         self._window_start, self._window_cpu = time.perf_counter(), time.process_time()
         self._window_steps = 0
@@ -168,8 +185,9 @@ class MetricsReporter:
                     values["mfu_pct"] = 100.0 * tflops_per_gpu / self.peak
             self._window_start, self._window_steps, self._data_wait = time.perf_counter(), 0, 0.0
             self._window_cpu = time.process_time()
+        values = {k: v for k, v in values.items() if not math.isnan(v)}
         if self.is_rank0:
-            events = [(f"{prefix}/{k}", v, step) for k, v in values.items() if not math.isnan(v)]
+            events = [(f"{prefix}/{k}", v, step) for k, v in values.items()]
             self.engine.monitor.write_events(events)
             line = f"{prefix} step {step}/{self.total_steps}: "
             line += " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
@@ -177,7 +195,7 @@ class MetricsReporter:
                 per_step = (time.perf_counter() - self._start) / (step - self._start_step)
                 line += f" eta={datetime.timedelta(seconds=round(per_step * (self.total_steps - step)))}"
             if self.bar is not None:
-                self.bar.set_postfix(loss=_fmt(values["loss"]), refresh=False)
+                self.bar.set_postfix(loss=_fmt(values.get("loss", math.nan)), refresh=False)
                 self.bar.write(line)
             else:
                 print(line, flush=True)
@@ -193,3 +211,77 @@ class MetricsReporter:
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+
+
+# ---- one row per step after a resume ----------------------------------------------------------------
+
+
+def forget_steps_after(monitor: Any, step: int, samples: int) -> None:
+    """Drop from the CSV and TensorBoard logs of DeepSpeed's `monitor` every event after optimizer step `step`
+    (after `samples` samples seen, for the engine's own `Train/Samples/*` events): the run starts there."""
+    if getattr(monitor, "csv_monitor", None) is not None:
+        _forget_csv_rows(monitor.csv_monitor, step, samples)
+    if getattr(monitor, "tb_monitor", None) is not None and monitor.tb_monitor.summary_writer is not None:
+        _forget_tensorboard_events(monitor.tb_monitor.summary_writer, step, samples)
+
+
+def _limit(label: str, step: int, samples: int) -> int:
+    return samples if label.replace("_", "/").startswith(_ENGINE_EVENTS) else step
+
+
+def _forget_csv_rows(csv_monitor: Any, step: int, samples: int) -> None:
+    """deepspeed/monitor/csv_monitor.py appends `step,value` rows and a header the first time a process writes
+    a file; kept files are registered as written, so the header is not repeated."""
+    for path in sorted(Path(csv_monitor.log_dir).glob("*.csv")):
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f)) or [[]]
+        limit = _limit(path.stem, step, samples)
+        kept = [row for row in rows[1:] if row and row[0].isdigit() and int(row[0]) <= limit]
+        if len(kept) == len(rows) - 1:
+            csv_monitor.filenames.append(path.stem)
+        elif not kept:
+            path.unlink()
+        else:
+            out = io.StringIO()
+            csv.writer(out).writerows([rows[0], *kept])
+            write_text_atomic(path, out.getvalue())
+            csv_monitor.filenames.append(path.stem)
+
+
+def _forget_tensorboard_events(writer: Any, step: int, samples: int) -> None:
+    """Rewrite the event files of earlier runs in the writer's folder without the events after the limit.
+    (TensorBoard's own `purge_step` hides every tag after one step, which would also hide the engine's events
+    indexed by samples.) This process's own file, already open, is left alone."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    current = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", None)
+    if current is None:  # tensorboard's EventFileWriter keeps the open file's name there (2.x)
+        log.warning("cannot tell this run's TensorBoard file: steps redone after a resume are logged twice")
+        return
+    for path in sorted(Path(writer.log_dir).glob("events.out.tfevents.*")):
+        if path.resolve() == Path(current).resolve():
+            continue
+        records = list(_tf_records(path.read_bytes()))
+        kept, scalars = [], 0
+        for record, payload in records:
+            event = Event.FromString(payload)
+            if all(event.step <= _limit(value.tag, step, samples) for value in event.summary.value):
+                kept.append(record)
+                scalars += len(event.summary.value)
+        if not scalars:
+            path.unlink()
+        elif len(kept) < len(records):
+            write_bytes_atomic(path, b"".join(kept))
+
+
+def _tf_records(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(record, payload) of each TFRecord in an event file: <Q length, <I crc of the length, payload, <I crc
+    of the payload (tensorflow/core/lib/io/record_writer.cc). A record cut short by a kill ends the file."""
+    pos = 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        end = pos + 12 + length + 4
+        if end > len(data):
+            return
+        yield data[pos:end], data[pos + 12 : pos + 12 + length]
+        pos = end

@@ -7,14 +7,18 @@ each step boundary so that all ranks stop at the same step even if only one of t
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import signal
+import sys
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_OK = 0
 EXIT_REQUEUE = 75  # BSD EX_TEMPFAIL: a checkpoint was saved after SIGTERM/SIGUSR1; requeue the job
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class StopRequest:
@@ -38,9 +42,20 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def ignore_stop_signals(worker_id: int) -> None:  # noqa: ARG001 - DataLoader worker_init_fn signature
-    """DataLoader `worker_init_fn`: workers ignore SIGTERM/SIGUSR1 so that the trainer, not the signal, ends
-    them. SLURM signals every process of the job step, and torch's workers otherwise die on SIGTERM
-    (`_set_worker_signal_handlers` re-raises it), which breaks the batch the trainer is waiting for."""
+def init_worker(worker_id: int, *, parent_pid: int) -> None:  # noqa: ARG001 - worker_init_fn signature
+    """DataLoader `worker_init_fn` (bind `parent_pid=os.getpid()` with functools.partial in the trainer).
+
+    Workers ignore SIGTERM/SIGUSR1 so that the trainer, not the signal, ends them: SLURM signals every
+    process of the job step, and torch's workers otherwise die on SIGTERM (`_set_worker_signal_handlers`
+    re-raises it), which breaks the batch the trainer is waiting for. So that an ignored SIGTERM never keeps
+    a worker alive after its trainer: the kernel sends it SIGKILL when the parent dies (PR_SET_PDEATHSIG,
+    prctl(2); it fires when the thread that forked the worker ends, and the trainer iterates its loaders
+    from the main thread), and the trainer kills its workers on every exit path (Trainer.train)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)

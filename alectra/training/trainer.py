@@ -9,8 +9,10 @@ how the global batch is split over ranks and accumulation, and a resumed run rep
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -22,14 +24,14 @@ import torch
 import torch.distributed
 
 from alectra.config import RunConfig, config_to_dict
-from alectra.masking import derive_seed, step_seed
+from alectra.seeds import Stream, derive_seed, step_seed
 from alectra.training.checkpoint import Checkpointer
+from alectra.training.ds_config import DeepSpeedPlan
+from alectra.training.failstop import on_failure, stop_loader_workers
 from alectra.training.metrics import MetricsReporter, MetricSums
-from alectra.training.signals import EXIT_OK, EXIT_REQUEUE, StopRequest, ignore_stop_signals
+from alectra.training.signals import EXIT_OK, EXIT_REQUEUE, StopRequest, init_worker
 
 log = logging.getLogger(__name__)
-
-DROPOUT_STREAM = 2  # derive_seed streams 0 and 1 are the model's masking and sampling
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,7 +84,7 @@ class Trainer:
         state: TrainState,
         checkpointer: Checkpointer,
         reporter: MetricsReporter,
-        grad_accum: int,
+        plan: DeepSpeedPlan,
         export: Any,
         last_checkpoint: Path | None,
     ) -> None:
@@ -95,13 +97,14 @@ class Trainer:
         self.state = state
         self.checkpointer = checkpointer
         self.reporter = reporter
-        self.grad_accum = grad_accum
+        self.grad_accum = plan.batch.grad_accum
         self.export = export
         self.rank = torch.distributed.get_rank()
-        self.dp_size = torch.distributed.get_world_size()
+        self.dp_size = plan.batch.dp_size
         self.stop = StopRequest()
         self.sums = MetricSums(engine.device)
         self._last_saved = last_checkpoint
+        self._failed = False
 
     # ---- data ------------------------------------------------------------------------------------------
 
@@ -116,14 +119,14 @@ class Trainer:
             dp_size=self.dp_size,
             num_workers=workers,
         )
-        loader.worker_init_fn = ignore_stop_signals
+        loader.worker_init_fn = functools.partial(init_worker, parent_pid=os.getpid())
         return loader
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: dict[str, torch.Tensor], seed: int):
-        torch.manual_seed(derive_seed(seed, DROPOUT_STREAM))  # dropout follows the samples, not the rank
+        torch.manual_seed(derive_seed(seed, Stream.DROPOUT))  # dropout follows the samples, not the rank
         return self.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seed)
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class Trainer:
         self.engine.eval()
         with torch.no_grad():
             for i, batch in enumerate(itertools.islice(loader, n)):
-                seed = step_seed(derive_seed(self.cfg.train.seed, 3), i, self.rank)
+                seed = step_seed(derive_seed(self.cfg.train.seed, Stream.EVAL), i, self.rank)
                 sums.add(self._forward(self._to_device(batch), seed))
         self.engine.train()
         return self.reporter.report(self.state.step, sums.reduce(), prefix="eval")
@@ -209,9 +212,24 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def train(self) -> int:
-        """Train to `train.steps`; returns EXIT_OK, or EXIT_REQUEUE after a stop signal's checkpoint."""
+        """Train to `train.steps`; returns EXIT_OK, or EXIT_REQUEUE after a stop signal's checkpoint.
+
+        Fail-stop (alectra.training.failstop): on every way out the DataLoader workers are stopped; on an
+        exception the process is ended within failstop.EXIT_DEADLINE_S even if the rest of the way out hangs,
+        and `close()` skips the teardown that talks to the other ranks."""
         cfg = self.cfg
         batches = iter(self._loader(self.train_dataset, self.state.consumed_samples, cfg.data.num_workers))
+        try:
+            return self._train(batches)
+        except BaseException as exc:
+            self._failed = True
+            on_failure(exc)
+            raise
+        finally:
+            stop_loader_workers(batches)
+
+    def _train(self, batches) -> int:
+        cfg = self.cfg
         consecutive_bad = 0
         while self.state.step < cfg.train.steps:
             lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside it
@@ -258,12 +276,15 @@ class Trainer:
         return float(getattr(self.engine.optimizer, "loss_scale", 1.0))
 
     def close(self) -> None:
-        """Restore signal handlers, close the progress bar, release the engine and the process group.
+        """Restore signal handlers, close the progress bar, release the engine and the process group (not
+        after a failure: the process then leaves with os._exit, and the peers may be gone).
 
         Without the explicit teardown a ZeRO-3 rank can abort at interpreter exit ("terminate called without
         an active exception") while DeepSpeed's helper threads and gloo are destroyed in arbitrary order."""
         self.stop.close()
         self.reporter.close()
+        if self._failed:  # the process ends with os._exit (failstop.exit_process); peers may be gone
+            return
         self.engine.destroy()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

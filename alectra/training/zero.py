@@ -28,8 +28,9 @@ keeps DeepSpeed's own code, see `_fused_path_supported`):
   14M-element partition loses ~1e-4 relative on a CPU), squares summed over ranks; clipping as
   `torch.nn.utils.clip_grad_norm_` does it (one `_foreach_mul_`); and the non-finite decision on the device:
   `found_inf` (1.0 when the norm is inf/NaN) is handed to the inner optimizer, which skips the update
-  without touching weights or state (torch's fused AdamW follows this GradScaler protocol; Adam's step
-  count, and with it the bias correction, counts applied steps only). DeepSpeed's rule for when to skip is
+  without touching weights or state (torch's fused AdamW follows this GradScaler protocol, and
+  alectra.optim.Lamb the same; Adam's step count, and with it the bias correction, counts applied steps
+  only). DeepSpeed's rule for when to skip is
   kept: fp32 always; bf16 unless `bf16.check_grad_overflow` is false.
 - The host never learns whether a step was skipped, so `overflow` stays False and DeepSpeed's engine steps the
   LR schedule on every optimizer step, skipped ones included: the schedule follows the optimizer step count
@@ -39,6 +40,10 @@ keeps DeepSpeed's own code, see `_fused_path_supported`):
 `Engine` (DeepSpeed's engine) reports what happened when asked, reading the device then (a sync, so only
 when asked: the trainer asks after a non-finite loss): `was_step_applied()` and `skipped_steps` (also saved in
 and restored from checkpoints, as DeepSpeed does with its host counter).
+
+LAMB (alectra.optim.Lamb) needs one trust ratio per parameter, but ZeRO hands it flat partitions holding
+pieces of several parameters: `segment_layouts` maps each partition element to its parameter (from
+DeepSpeed's flat-buffer bookkeeping; the same on DeepSpeed's path and on this one); `initialize` installs it.
 
 Not on this path: `safe_get_full_grad` and the other `_hp_mapping` gradient views (they read DeepSpeed's
 per-parameter `averaged_gradients`, which this path does not build); and with `overlap_comm` a chunk's
@@ -61,7 +66,19 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.utils import all_gather_dp_groups
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+from alectra.optim import Lamb, SegmentLayout
+
 DEEPSPEED_VERSION = "0.19.8"
+
+
+_ABSENT = object()
+
+
+def _honours_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` skips the update when `optimizer.found_inf` is 1: torch's GradScaler
+    protocol (fused Adam/AdamW declare `_step_supports_amp_scaling`) or alectra's LAMB (the same skip, no
+    grad_scale)."""
+    return getattr(optimizer, "_step_supports_amp_scaling", False) or isinstance(optimizer, Lamb)
 
 
 @dataclass(eq=False)
@@ -122,8 +139,7 @@ class FusedZeroOptimizer(DeepSpeedZeroOptimizer):
             and self.gradient_predivide_factor == 1.0
             and self.torch_autocast_gradscaler is None
             and not any(any(self.round_robin_bit16_padding[i]) for i in groups)
-            # The GradScaler protocol: step() skips when `found_inf` is 1 (torch's fused Adam/AdamW set this).
-            and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+            and _honours_found_inf(self.optimizer)
         )
 
     def _param_views(self, i: int) -> Iterator[torch.Tensor]:
@@ -251,11 +267,15 @@ class FusedZeroOptimizer(DeepSpeedZeroOptimizer):
         found_inf = torch.isfinite(norm).logical_not().float() if skip_nonfinite else torch.zeros_like(norm)
         for fp32, grad in zip(self.single_partition_of_fp32_groups, grads, strict=True):
             fp32.grad = grad
+        previous = self.optimizer.__dict__.get("found_inf", _ABSENT)
         self.optimizer.found_inf = found_inf
         try:
             self.optimizer.step()
         finally:
-            del self.optimizer.found_inf
+            if previous is _ABSENT:  # torch's GradScaler deletes it after the step, too
+                del self.optimizer.found_inf
+            else:  # alectra.optim.Lamb keeps the attribute (None: no skip)
+                self.optimizer.found_inf = previous
             for fp32 in self.single_partition_of_fp32_groups:
                 fp32.grad = None
         self._lazy_init_hp_params_optimizer_state()  # links optimizer state for universal checkpoints
@@ -312,7 +332,8 @@ def _installed() -> Iterator[None]:
 
 
 def initialize(**kwargs: Any) -> Engine:
-    """`deepspeed.initialize(**kwargs)`'s engine, built with this module's classes."""
+    """`deepspeed.initialize(**kwargs)`'s engine, built with this module's classes; a LAMB optimizer gets the
+    layout of ZeRO's flat partitions (`segment_layouts`) for its per-parameter trust ratios."""
     if deepspeed.__version__ != DEEPSPEED_VERSION:
         raise RuntimeError(
             f"alectra.training.zero extends DeepSpeed {DEEPSPEED_VERSION}'s internals, found "
@@ -320,4 +341,62 @@ def initialize(**kwargs: Any) -> Engine:
         )
     with _installed():
         engine, _, _, _ = deepspeed.initialize(**kwargs)
+    if isinstance(kwargs.get("optimizer"), Lamb):
+        kwargs["optimizer"].layouts = segment_layouts(engine.optimizer)
     return engine
+
+
+# ---- where each parameter lies in the flat fp32 partitions (LAMB) ------------------------------------------
+
+
+def segment_layouts(zero_optimizer: Any) -> dict[torch.Tensor, SegmentLayout]:
+    """{flat fp32 partition: its SegmentLayout} for a DeepSpeed ZeRO stage-1/2 optimizer on this rank.
+
+    Follows `DeepSpeedZeroOptimizer.__init__` (runtime/zero/stage_1_and_2.py): each optimizer parameter group
+    `i` becomes one flat buffer `bit16_groups_flat[i]`, the parameters in `round_robin_bit16_groups[i]` order,
+    parameter `k` at element `round_robin_bit16_offsets[i][k]` with `round_robin_bit16_meta[i][k].numel()`
+    elements, alignment padding between parameters and at the end; rank `r` of `real_dp_process_group[i]` owns
+    elements `[r * partition_size[i], (r + 1) * partition_size[i])`, copied to fp32 as
+    `single_partition_of_fp32_groups[i]`, the one tensor of group `i` the inner optimizer ever sees (on
+    DeepSpeed's path and on `FusedZeroOptimizer`'s). Each element gets its parameter's index within its group
+    (the same numbering on every rank), padding an extra index, and the group to all-reduce per-parameter
+    sums over, so LAMB computes the per-parameter norms of a partitioned model exactly.
+    """
+    if not isinstance(zero_optimizer, DeepSpeedZeroOptimizer):
+        raise ValueError(
+            f"LAMB's per-parameter norms need DeepSpeed's ZeRO stage 1 or 2 optimizer, got "
+            f"{type(zero_optimizer).__name__}; use ds_configs/zero1.json or zero2.json"
+        )
+    layouts = {}
+    for i, partition in enumerate(zero_optimizer.single_partition_of_fp32_groups):
+        group = zero_optimizer.real_dp_process_group[i]
+        rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+        size = int(zero_optimizer.partition_size[i])
+        if partition.numel() != size or zero_optimizer.bit16_groups_flat[i].numel() != size * world:
+            raise RuntimeError(
+                f"unexpected ZeRO layout in group {i}: partition {partition.numel()} elements, "
+                f"partition_size {size}, flat buffer {zero_optimizer.bit16_groups_flat[i].numel()} "
+                f"over {world} ranks"
+            )
+        ids = _group_segment_ids(
+            [meta.numel() for meta in zero_optimizer.round_robin_bit16_meta[i]],
+            zero_optimizer.round_robin_bit16_offsets[i],
+            total=size * world,
+        )
+        layouts[partition] = SegmentLayout(
+            segment_ids=ids[rank * size : (rank + 1) * size].to(partition.device),
+            num_segments=len(zero_optimizer.round_robin_bit16_meta[i]),
+            process_group=group if world > 1 else None,
+        )
+    return layouts
+
+
+def _group_segment_ids(numels: list[int], offsets: list[int], *, total: int) -> torch.Tensor:
+    """(total,) int32: k on parameter k's elements [offsets[k], offsets[k] + numels[k]), len(numels) on
+    padding. Built once at start, so a loop over the parameters is fine here."""
+    ids = torch.full((total,), len(numels), dtype=torch.int32)
+    for k, (numel, offset) in enumerate(zip(numels, offsets, strict=True)):
+        if offset + numel > total:
+            raise RuntimeError(f"parameter {k} ends at {offset + numel}, past the flat buffer ({total})")
+        ids[offset : offset + numel] = k
+    return ids

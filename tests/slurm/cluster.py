@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests import waiting
+
 # What a launcher exports for one process group; never meaningful for a job submitted from the tests.
 _LAUNCHER_VARIABLES = frozenset(
     {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -138,7 +140,7 @@ class SlurmCluster:
         self._spawn(["slurmctld", "-D", "-i"], "slurmctld.out")
         for node in NODES:
             self._spawn(["slurmd", "-D", "-N", node], f"slurmd-{node}.out")
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + waiting.deadline(timeout)
         while time.monotonic() < deadline:
             idle = self.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], check=False).stdout.split()
             if set(NODES) <= set(idle):
@@ -151,7 +153,9 @@ class SlurmCluster:
         raise RuntimeError(f"SLURM test cluster did not come up; daemon logs:\n{logs}")
 
     def run(self, cmd: list[str], check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
+        return subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, check=check, timeout=waiting.deadline(timeout)
+        )
 
     def stop(self) -> None:
         if self.procs and self.procs[0].poll() is None:

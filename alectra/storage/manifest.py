@@ -24,6 +24,9 @@ from typing import Any
 FORMAT = "alectra-indexed/1"
 MANIFEST_NAME = "manifest.json"
 SPECIAL_TOKENS = ("cls", "sep", "pad", "mask", "unk")
+"""Every special token a dataset records (its ids live in the manifest's tokenizer entry)."""
+MODEL_SPECIAL_TOKENS = ("cls", "sep", "pad", "mask")
+"""The ones masking never selects and the model must know: never masked, never predicted."""
 
 
 def vocab_sha256(tokenizer: Any) -> str:
@@ -98,15 +101,3 @@ def check_tokenizer(manifest: dict, tokenizer: Any) -> None:
             f"{where}: special token ids {got_ids} differ from the dataset's {expected['special_tokens']}; "
             "use the dataset's tokenizer or rebuild the dataset"
         )
-
-
-def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
-    """Write ``obj`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

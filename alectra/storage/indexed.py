@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from alectra.storage.atomic import fsync_dir, temporary_path, write_bytes_atomic
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # Megatron-LM's DType enum (megatron/core/datasets/indexed_dataset.py).
@@ -145,7 +147,7 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in _CODE_OF:
             raise ValueError(f"dtype {self.dtype} has no Megatron dtype code")
-        self._tmp_bin = self.prefix + ".bin.tmp"
+        self._tmp_bin = temporary_path(self.prefix + ".bin")  # unique per writer
         self._bin = open(self._tmp_bin, "wb")  # closed in finish() or abort()
         self._bin_hash = hashlib.sha256()
         self._lengths: list[np.ndarray] = []
@@ -183,14 +185,10 @@ class IndexedDatasetWriter:
         doc_idx = np.asarray(self._doc_idx, dtype=np.int64)
         header = _HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], len(lengths), len(doc_idx))
         idx_bytes = header + lengths.tobytes() + pointers.tobytes() + doc_idx.tobytes()
-        tmp_idx = self.prefix + ".idx.tmp"
-        with open(tmp_idx, "wb") as f:
-            f.write(idx_bytes)
-            f.flush()
-            os.fsync(f.fileno())
         # .bin first: a final-named .idx then always has its .bin (the reader checks sizes anyway).
         os.replace(self._tmp_bin, self.prefix + ".bin")
-        os.replace(tmp_idx, self.prefix + ".idx")
+        fsync_dir(Path(self.prefix).parent)
+        write_bytes_atomic(self.prefix + ".idx", idx_bytes)
         return {
             "sequences": int(len(lengths)),
             "documents": int(len(doc_idx) - 1),
@@ -202,7 +200,7 @@ class IndexedDatasetWriter:
     def abort(self) -> None:
         """Close and delete the temporary file (used on errors)."""
         self._bin.close()
-        Path(self._tmp_bin).unlink(missing_ok=True)
+        self._tmp_bin.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
