@@ -44,6 +44,9 @@ every other row, as real packed data does.
     OMP_NUM_THREADS=1 python benchmarks/bench_ops.py --time 10 --presets electra-small --configs zero2 \\
         --batch 8                                                        # CPU ms per phase instead, fp32
 
+`--stock` adds, under each JSON's row, the same JSON on DeepSpeed's own ZeRO optimizer (`zero.initialize(
+fused=False)`): the before/after of alectra/training/zero.py side by side.
+
 `--time N` times the same phases instead (this thread's CPU time, `time.thread_time`, so other jobs on a
 shared machine count less than in wall time), N steps after the warm-up, the engine's and the bare loop's
 steps alternating in one process, fp32; it prints the medians and the bare / engine ratios.
@@ -54,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -494,14 +498,23 @@ def _from_json(text: str) -> Counts:
     )
 
 
+STOCK = ":stock"
+"""Suffix of a worker's JSON name: measure it on DeepSpeed's own ZeRO optimizer."""
+
+
 def worker(args) -> None:
-    """One measurement in this process: `args.worker` is a BARE kind or a ds_configs/ name."""
+    """One measurement in this process: `args.worker` is a BARE kind or a ds_configs/ name (+ STOCK)."""
     logging.getLogger("alectra.training.ds_config").setLevel(logging.ERROR)  # "bf16 disabled": forced back on
     init_process_group()
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)
     preset, precision = args.presets[0], args.precisions[0]
+    if args.worker.endswith(STOCK):
+        from alectra.training import zero
+
+        zero.initialize = functools.partial(zero.initialize, fused=False)  # what build_engine calls
+        args.worker = args.worker.removesuffix(STOCK)
     if args.time:
         result = json.dumps(time_phases(args, preset, ROOT / "ds_configs" / f"{args.worker}.json"))
     elif args.worker in BARE:
@@ -529,7 +542,9 @@ def print_times(args, preset: str, name: str) -> None:
     """The engine's and the bare loop's CPU ms per phase, their difference and the bare / engine ratios."""
     times = json.loads(measure(args, preset, "fp32", name))
     bare, engine = times["bare"], times["engine"]
-    print(f"\n{preset}, fp32, {name}.json, batch {args.batch} x {args.seq_len}: CPU ms per phase, median of")
+    stock = " on DeepSpeed's ZeRO optimizer" if name.endswith(STOCK) else ""
+    label = f"{name.removesuffix(STOCK)}.json{stock}"
+    print(f"\n{preset}, fp32, {label}, batch {args.batch} x {args.seq_len}: CPU ms per phase, median of")
     print(f"{args.time} steps, engine and bare alternating in one process; load avg {os.getloadavg()[0]:.2f}")
     print(f"{'':<16}" + "".join(f"{p:>10}" for p in (*PHASES, "total")))
     for label, row in (("bare", bare), ("engine", engine)):
@@ -562,6 +577,9 @@ def main() -> None:
         default=0,
         help="instead of counting ops, time N steps per phase (fp32: CPU timings of bf16 say nothing)",
     )
+    parser.add_argument(
+        "--stock", action="store_true", help="also measure each JSON on DeepSpeed's own ZeRO optimizer"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -576,7 +594,8 @@ def main() -> None:
     if args.time:
         for preset in args.presets:
             for name in args.configs:
-                print_times(args, preset, name)
+                for what in (name, name + STOCK) if args.stock else (name,):
+                    print_times(args, preset, what)
         return None
     print(
         f"torch {torch.__version__}, deepspeed {__import__('deepspeed').__version__}, CPU, 1 rank, each "
@@ -597,13 +616,20 @@ def main() -> None:
                 if args.top:
                     _top(counts, args.top)
             bare, reference = bares[kinds[0]], bares[kinds[-1]]
-            for name in args.configs:
+            rows = [(f"{name}.json", name) for name in args.configs]
+            if args.stock:
+                rows = [
+                    row
+                    for name in args.configs
+                    for row in ((f"{name}.json", name), (f"{name}.json DeepSpeed", name + STOCK))
+                ]
+            for label, what in rows:
                 try:
-                    counts = _from_json(measure(args, preset, precision, name))
+                    counts = _from_json(measure(args, preset, precision, what))
                 except RuntimeError as exc:  # one failing JSON must not hide the others
-                    print(f"{name + '.json':<22} failed: {str(exc)[:150]}", flush=True)
+                    print(f"{label:<22} failed: {str(exc)[:150]}", flush=True)
                     continue
-                print(_row(f"{name}.json", counts, bare, reference), flush=True)
+                print(_row(label, counts, bare, reference), flush=True)
                 if args.top:
                     _top(counts, args.top)
             print(f"({time.perf_counter() - start:.0f} s; load avg {os.getloadavg()[0]:.2f})")

@@ -331,15 +331,16 @@ def _installed() -> Iterator[None]:
         deepspeed.DeepSpeedEngine, deepspeed.runtime.engine.DeepSpeedZeroOptimizer = saved
 
 
-def initialize(**kwargs: Any) -> Engine:
-    """`deepspeed.initialize(**kwargs)`'s engine, built with this module's classes; a LAMB optimizer gets the
-    layout of ZeRO's flat partitions (`segment_layouts`) for its per-parameter trust ratios."""
+def initialize(*, fused: bool = True, **kwargs: Any) -> DeepSpeedEngine:
+    """`deepspeed.initialize(**kwargs)`'s engine, built with this module's classes (`fused=False`: DeepSpeed's
+    own, the baseline benchmarks/bench_ops.py --stock measures); a LAMB optimizer gets the layout of ZeRO's
+    flat partitions (`segment_layouts`) for its per-parameter trust ratios."""
     if deepspeed.__version__ != DEEPSPEED_VERSION:
         raise RuntimeError(
             f"alectra.training.zero extends DeepSpeed {DEEPSPEED_VERSION}'s internals, found "
             f"{deepspeed.__version__}: pip install deepspeed=={DEEPSPEED_VERSION}"
         )
-    with _installed():
+    with _installed() if fused else contextlib.nullcontext():
         engine, _, _, _ = deepspeed.initialize(**kwargs)
     if isinstance(kwargs.get("optimizer"), Lamb):
         kwargs["optimizer"].layouts = segment_layouts(engine.optimizer)
