@@ -195,6 +195,31 @@ def parse_only(main: Callable[..., object], argv: list[str]) -> argparse.Namespa
     raise AssertionError("the entry point returned without parsing its arguments")
 
 
+# Entry points whose import changes this process: kernels.compile_check drops TRITON_INTERPRET from the
+# environment and refuses to load after triton was imported with it (as it is here, tests/conftest.py).
+FRESH_PROCESS = {"kernels.compile_check"}
+
+
+def parse_in_fresh_process(target: str, argv: list[str]) -> None:
+    """parse_only in a new interpreter without TRITON_INTERPRET, for the FRESH_PROCESS entry points."""
+    code = (
+        "import sys; from tests.test_docs import parse_only, resolve; "
+        "parse_only(resolve(sys.argv[1]), sys.argv[2:])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", code, target, *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines()
+        raise AssertionError(lines[-1] if lines else f"exit {run.returncode}")
+
+
 def resolve(target: str) -> Callable[..., object]:
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
@@ -399,7 +424,10 @@ class Checker:
         module = target.split(":")[0]
         if module == "data_prep.cli" and self.run_data_prep(cmd, args):
             return
-        parse_only(resolve(target), args)
+        if module in FRESH_PROCESS:
+            parse_in_fresh_process(target, args)
+        else:
+            parse_only(resolve(target), args)
         reason = STATIC_ONLY.get(name) or STATIC_ONLY[module.removesuffix(".__main__").removesuffix(".cli")]
         self.note(cmd, f"checked: {reason}")
 
