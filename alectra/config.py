@@ -60,7 +60,8 @@ class ModelSection:
     """Which network to train: a named preset plus field overrides."""
 
     preset: str = "tiny"
-    """Name from alectra.presets.PRESETS: tiny, electra-small, alectra-small, electra-base, electra-large."""
+    """Name from alectra.presets.PRESETS: tiny, electra-small, alectra-small, alectra-small-owt, electra-base,
+    electra-large."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """ModelConfig fields to replace in the preset, e.g. {kernels: torch, hidden_dropout_prob: 0.0}."""
 

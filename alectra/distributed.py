@@ -61,7 +61,8 @@ class DistEnv:
     master_addr: str
     """Host name or address of rank 0, used for the torch.distributed TCP rendezvous."""
     master_port: int
-    """TCP port of the rendezvous on master_addr."""
+    """TCP port of the rendezvous on master_addr; 0 for a single process: its store binds a port of its own
+    (torch's TCPStore with port 0), so no other process can take the port between choosing and binding it."""
     launcher: str
     """Who started the process: one of LAUNCHERS."""
 
@@ -74,8 +75,9 @@ class DistEnv:
             raise ValueError(f"DistEnv.local_rank must be in [0, rank={self.rank}], got {self.local_rank}")
         if not self.master_addr:
             raise ValueError("DistEnv.master_addr must be a non-empty host name or address")
-        if not 1 <= self.master_port <= 65535:
-            raise ValueError(f"DistEnv.master_port must be in [1, 65535], got {self.master_port}")
+        lowest = 0 if self.world_size == 1 else 1
+        if not lowest <= self.master_port <= 65535:
+            raise ValueError(f"DistEnv.master_port must be in [{lowest}, 65535], got {self.master_port}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"DistEnv.launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
 
@@ -244,8 +246,10 @@ def master_port_for_job(job_id: str, step_id: str | None = None) -> int:
 
 
 def free_port() -> int:
-    """A TCP port free on this host right now. Enough for a one-process group, whose rendezvous nobody
-    else needs to find: a fixed 29500 fails with EADDRINUSE whenever another job on the node uses it."""
+    """A TCP port free on this host right now, for a rendezvous other processes must be told about (MPI's
+    rank 0 broadcasts it). Another process may bind it before the store does; a single process therefore
+    uses port 0 instead (DistEnv.master_port), which was seen to matter: two runs side by side on a loaded
+    machine failed with EADDRINUSE on the port this returned."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))  # all interfaces, as torch's TCPStore server binds
         return sock.getsockname()[1]
@@ -365,7 +369,7 @@ def _discover_mpi(environ: Mapping[str, str], mpi_factory: Callable[[], _Mpi]) -
             (socket.gethostname(), free_port()) if rank == 0 else None
         )
     else:
-        master_addr, master_port = "127.0.0.1", free_port()  # one process: nobody else needs to find it
+        master_addr, master_port = "127.0.0.1", 0  # one process: its store binds a port of its own
     return DistEnv(
         rank=rank,
         local_rank=local_rank,
@@ -445,7 +449,7 @@ def discover(environ: Mapping[str, str], *, mpi_factory: Callable[[], _Mpi] = _M
         local_rank=0,
         world_size=1,
         master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else free_port(),
+        master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 0,  # see master_port
         launcher="single",
     )
 

@@ -112,8 +112,9 @@ class Lamb(torch.optim.Optimizer):
         p = p - lr trust u
 
     with one trust ratio per parameter tensor. A tensor registered in `layouts` (ZeRO's flat partitions, see
-    alectra.training.zero_layout) is updated with per-segment norms in a fixed number of tensor operations
-    (index_add + one all-reduce), whatever the number of parameters in it; any other tensor is one segment.
+    alectra.training.zero.segment_layouts) is updated with per-segment norms in a fixed number of tensor
+    operations (index_add + one all-reduce), whatever the number of parameters in it; any other tensor is one
+    segment.
     On CUDA, index_add_ accumulates with atomics, so the per-parameter sums of squares are reproducible only
     up to their summation order (about 1e-7 relative) unless torch.use_deterministic_algorithms(True).
 

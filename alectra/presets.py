@@ -103,7 +103,7 @@ class ModelConfig:
     kernels: str = "auto"
     """"triton": the Triton kernels; "torch": their PyTorch references (bit-identical samples, but the
     reference's Philox emulation is slow on CPU); "auto": Triton on CUDA, elsewhere the RTD reference and
-    a torch-RNG sampler (`kernels.sampling.sample_and_cross_entropy_reference(noise="torch")`: the same
+    a torch-RNG sampler (`kernels.sampling.sample_and_cross_entropy_reference(noise="inverse_cdf")`: the same
     distribution, ~100x faster)."""
 
     def __post_init__(self) -> None:

@@ -20,6 +20,10 @@ def prepare_demo(
 ) -> Path:
     """Train an uncased WordPiece tokenizer on the demo corpus and build its shards into ``output_dir``.
 
+    Reproducible: the same arguments give byte-identical ``tokenizer/vocab.txt`` and shards in every process
+    (on the same Python version, which fixes the corpus; `data_prep.tokenizer` says how training is made
+    deterministic). ``max_documents`` limits both the tokenizer's training documents and the shards.
+
     Idempotent: when ``output_dir/manifest.json`` already records the same ``vocab_size`` and
     ``max_documents``, returns at once. ``workers`` does not change the output.
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,11 +106,24 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from data_prep.tokenizer import train_tokenizer
 
-    source = _source(args)
-    docs = (d for chunk in source.chunks(10000, lambda k: True) for d in chunk.documents or [])
-    out = train_tokenizer(docs, args.output_dir, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    out = train_tokenizer(
+        _Documents(_source(args)),
+        args.output_dir,
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+    )
     print(f"wrote tokenizer to {out} (load it with BertTokenizer.from_pretrained({str(out)!r}))")
     return 0
+
+
+class _Documents:
+    """A source's documents, read from the start on every iteration (`train_tokenizer` reads them twice)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def __iter__(self) -> Iterator[str]:
+        return (d for chunk in self.source.chunks(10000, lambda k: True) for d in chunk.documents or [])
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -249,7 +263,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_build)
 
-    t = sub.add_parser("train-tokenizer", help="train a BERT-style uncased WordPiece vocabulary")
+    t = sub.add_parser(
+        "train-tokenizer",
+        help="train a BERT-style uncased WordPiece vocabulary (the same corpus gives the same vocab.txt)",
+    )
     _add_source_args(t)
     t.add_argument("--output-dir", "-o", required=True, help="tokenizer folder to write")
     t.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size (BERT: 30522)")

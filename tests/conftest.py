@@ -102,11 +102,14 @@ def single_process_group():
     the environment it exports is restored when the module ends)."""
     import deepspeed
 
-    from alectra.distributed import free_port
-
-    rendezvous = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    os.environ.update(
-        {k: os.environ.get(k, v) for k, v in {**rendezvous, "MASTER_PORT": str(free_port())}.items()}
-    )
+    # port 0: the store binds a port of its own (alectra.distributed.DistEnv.master_port)
+    rendezvous = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "0",
+    }
+    os.environ.update({k: os.environ.get(k, v) for k, v in rendezvous.items()})
     deepspeed.init_distributed(dist_backend="gloo")
     yield

@@ -193,8 +193,10 @@ def test_cli_hostfile_and_error(tmp_path):
     assert bad.stderr.strip().splitlines() == ["error: invalid SLURM node list 'n[1-2': '[' without ']'"]
 
 
-def test_single_process_gets_a_free_port_not_29500():
-    # a lone process must not fail with EADDRINUSE because another job on the node holds torch's 29500
+def test_single_process_store_binds_its_own_port(tmp_path):
+    """A lone process must not fail with EADDRINUSE: not on torch's 29500 held by another job, and not on a
+    port chosen free and taken by someone else before the store bound it (seen: two runs side by side).
+    Its rendezvous port is 0, and a gloo group starts on it while 29500 is held."""
     import socket
 
     with socket.socket() as busy:
@@ -206,9 +208,22 @@ def test_single_process_gets_a_free_port_not_29500():
             pass  # someone else holds it already: the same situation
         dist_env = discover({})
         assert dist_env.launcher == "single" and dist_env.world_size == 1
-        assert dist_env.master_port != 29500
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", dist_env.master_port))  # free right now
+        assert dist_env.master_port == 0
+        code = (
+            "import torch, torch.distributed as d; d.init_process_group('gloo'); t = torch.ones(1); "
+            "d.all_reduce(t); d.destroy_process_group(); print('ok', int(t))"
+        )
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, **dist_env.as_environ()},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert run.returncode == 0 and run.stdout.strip() == "ok 1", run.stderr[-2000:]
+    with pytest.raises(ValueError, match=r"master_port must be in \[1, 65535\]"):
+        DistEnv(rank=0, local_rank=0, world_size=2, master_addr="h", master_port=0, launcher="srun")
 
 
 def test_single_rank_mpirun_needs_no_mpi_init():
@@ -218,8 +233,8 @@ def test_single_rank_mpirun_needs_no_mpi_init():
 
 
 def test_the_process_group_uses_the_port_discovery_chose(monkeypatch):
-    """One free-port helper: a single process gets its port from discovery, and joining the process group
-    (alectra.training.build.init_process_group) keeps it instead of picking another."""
+    """A single process gets port 0 from discovery (its store binds a port of its own), and joining the
+    process group (alectra.training.build.init_process_group) keeps it instead of picking one."""
     import torch.distributed
 
     from alectra.training.build import init_process_group
@@ -227,14 +242,14 @@ def test_the_process_group_uses_the_port_discovery_chose(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     chosen = init_distributed_env().master_port
-    assert os.environ["MASTER_PORT"] == str(chosen)
+    assert chosen == 0 and os.environ["MASTER_PORT"] == "0"
     init_process_group()
     try:
         assert os.environ["MASTER_PORT"] == str(chosen)
         store = torch.distributed.distributed_c10d._get_default_store()
         while hasattr(store, "underlying_store"):  # PrefixStores over the rendezvous TCPStore
             store = store.underlying_store
-        assert store.port == chosen
+        assert store.port > 0  # bound by the store itself
     finally:
         torch.distributed.destroy_process_group()
 

@@ -168,7 +168,8 @@ def test_zero_stages_and_ranks_match_reference(demo, reference, tmp_path, ranks,
 def test_lamb_seed_recipe_same_losses_at_1_and_2_ranks(demo, tmp_path):
     """The seed's recipe through the trainer (LAMB, HF linear schedule, no clipping, linear RTD head, copied
     embeddings, ALBERT generator): 1 rank holds each parameter group in one ZeRO-2 partition, 2 ranks split
-    them (ZeRO-1); LAMB's per-parameter trust ratios must not notice (alectra/training/zero_layout.py)."""
+    them (ZeRO-1); LAMB's per-parameter trust ratios must not notice (alectra/training/zero.py,
+    segment_layouts)."""
     seed = {
         "train.optimizer": "lamb",
         "train.lr_schedule": "linear",

@@ -22,7 +22,11 @@ from tests.test_optim import reference_lamb_step
 
 STEPS = 20
 LR = 1e-2
-CASES = [(stage, dtype) for stage in (1, 2) for dtype in ("fp32", "bf16")]
+# "deepspeed": DeepSpeed's own ZeRO optimizer; "fused": the one build_engine installs
+# (alectra/training/zero.py FusedZeroOptimizer: chunked reduction into the fp32 partitions, found_inf skip).
+CASES = [
+    (path, stage, dtype) for path in ("deepspeed", "fused") for stage in (1, 2) for dtype in ("fp32", "bf16")
+]
 
 
 class Toy(nn.Module):
@@ -91,7 +95,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from deepspeed.utils import safe_get_full_fp32_param
 
     from alectra.optim import Lamb, parameter_groups
-    from alectra.training.zero_layout import segment_layouts
+    from alectra.training import zero
 
     # The reference runs here, in a fresh interpreter, before any engine exists: an in-process ZeRO-3 engine
     # (tests/test_export.py) leaves torch.nn.functional.linear replaced by DeepSpeed's zero3_linear_wrap,
@@ -99,7 +103,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     references = {dtype: reference_run(world, dtype) for dtype in ("fp32", "bf16")} if rank == 0 else {}
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
     results = {}
-    for stage, dtype in CASES:
+    for path, stage, dtype in CASES:
         model = initial_model()
         lamb = Lamb(parameter_groups(model, 0.01), lr=LR, weight_decay=0.01)
         config = {
@@ -110,13 +114,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "bf16": {"enabled": dtype == "bf16"},
             "zero_allow_untested_optimizer": True,
         }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=lamb, config=config)
-        lamb.layouts = segment_layouts(engine.optimizer)
+        if path == "fused":
+            engine = zero.initialize(model=model, optimizer=lamb, config=config)  # installs lamb.layouts
+            assert engine.optimizer.fused, "LAMB did not get the fused ZeRO path"
+        else:
+            engine, *_ = deepspeed.initialize(model=model, optimizer=lamb, config=config)
+            lamb.layouts = zero.segment_layouts(engine.optimizer)
         for step in range(STEPS):
             ids, target = batch(step, rank)
             engine.backward(engine(ids, target))
             engine.step()
-        results[(stage, dtype)] = {
+        results[(path, stage, dtype)] = {
             n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()
         }
         engine.destroy()
@@ -146,12 +154,14 @@ def zero_runs(request, tmp_path_factory):
 TOLERANCE = {"fp32": dict(atol=2e-6, rtol=1e-5), "bf16": dict(atol=1e-4, rtol=0.0)}
 
 
-@pytest.mark.parametrize(("stage", "dtype"), CASES, ids=[f"zero{s}-{d}" for s, d in CASES])
-def test_lamb_under_zero_matches_reference(zero_runs, stage, dtype):
+@pytest.mark.parametrize(("path", "stage", "dtype"), CASES, ids=[f"{p}-zero{s}-{d}" for p, s, d in CASES])
+def test_lamb_under_zero_matches_reference(zero_runs, path, stage, dtype):
     world, results = zero_runs
-    got, want = results["zero"][(stage, dtype)], results["reference"][dtype]
+    got, want = results["zero"][(path, stage, dtype)], results["reference"][dtype]
     initial = initial_model() if dtype == "fp32" else initial_model().to(torch.bfloat16).float()
     for name, value in want.items():
         moved = (value - initial.get_parameter(name)).abs().max()
         assert moved > LR, f"{name} barely trained ({moved}); the comparison would prove nothing"
-        torch.testing.assert_close(got[name], value, **TOLERANCE[dtype], msg=f"{name} ({stage=}, {dtype})")
+        torch.testing.assert_close(
+            got[name], value, **TOLERANCE[dtype], msg=f"{name} ({path}, {stage=}, {dtype})"
+        )

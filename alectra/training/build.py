@@ -17,8 +17,7 @@ import torch
 import torch.distributed
 
 from alectra.config import RunConfig, save_config
-from alectra.optim import Lamb
-from alectra.training import ds_env
+from alectra.training import ds_env, zero
 from alectra.training.checkpoint import (
     Checkpointer,
     CheckpointInfo,
@@ -31,7 +30,6 @@ from alectra.training.ds_config import DeepSpeedPlan, write_ds_config
 from alectra.training.metrics import MetricsReporter
 from alectra.training.optim import build_optimizer, build_scheduler
 from alectra.training.trainer import Trainer, TrainState, set_rng_states
-from alectra.training.zero_layout import segment_layouts
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +63,16 @@ def _restore(engine: Any, info: CheckpointInfo, same_world: bool) -> TrainState:
     return state
 
 
+def build_engine(model: torch.nn.Module, cfg: RunConfig, ds_config: dict[str, Any], *, offload: bool) -> Any:
+    """The DeepSpeed engine around `model` (already on its device): optimizer, LR schedule, ZeRO wrapper
+    (`zero.initialize`: deepspeed.initialize with alectra's ZeRO-1/2 step; LAMB gets its per-parameter
+    layout of the flat partitions there)."""
+    optimizer = build_optimizer(model, cfg.train, offload=offload)
+    return zero.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config
+    )
+
+
 def build_trainer(cfg: RunConfig, plan: DeepSpeedPlan, data: RunData) -> Trainer:
     """Everything up to the first step; collective (call on every rank after `init_process_group`).
 
@@ -96,12 +104,7 @@ def build_trainer(cfg: RunConfig, plan: DeepSpeedPlan, data: RunData) -> Trainer
     model = ElectraPretrainingModel(model_config, vocab_size=data.vocab_size, special_token_ids=special)
     flops_per_token = model.flops_per_token(cfg.data.max_seq_length)
     model.to(_device(plan))
-    optimizer = build_optimizer(model, cfg.train, offload=plan.offload_optimizer)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config
-    )
-    if isinstance(optimizer, Lamb):  # per-parameter trust ratios over ZeRO's flat partitions
-        optimizer.layouts = segment_layouts(engine.optimizer)
+    engine = build_engine(model, cfg, ds_config, offload=plan.offload_optimizer)
     state = TrainState() if resume is None else _restore(engine, resume, same_world)
 
     if rank == 0:

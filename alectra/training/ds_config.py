@@ -143,6 +143,10 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware, dp_
     _fill(ds, "gradient_clipping", cfg.train.clip_grad_norm, "gradient_clipping")
     # The trainer prints its own progress; DeepSpeed's per-step report would interleave with the bar.
     _fill(ds, "steps_per_print", cfg.train.steps + 1, "steps_per_print")
+    # DeepSpeed's throughput timer (on by default) synchronizes the device when each micro-batch's forward
+    # starts and its step ends (utils/timer.py ThroughputTimer) for a figure it prints every steps_per_print;
+    # the trainer measures throughput itself.
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
 
     precision = _precision(cfg, ds, hw)
     for name in ("bf16", "fp16"):
@@ -160,8 +164,8 @@ def resolve_ds_config(ds_json: dict[str, Any], cfg: RunConfig, hw: Hardware, dp_
         if stage not in (1, 2):
             raise ConfigError(
                 f"train.optimizer=lamb supports ZeRO stage 1 and 2 (per-parameter norms over the flat "
-                f"partitions, alectra.training.zero_layout), got stage {stage}; use ds_configs/zero1.json or "
-                "zero2.json"
+                f"partitions, alectra.training.zero.segment_layouts), got stage {stage}; use "
+                "ds_configs/zero1.json or zero2.json"
             )
         # DeepSpeed lists the optimizers it has tested with ZeRO; LAMB's partition handling is ours.
         _fill(ds, "zero_allow_untested_optimizer", True, "zero_allow_untested_optimizer")

@@ -18,6 +18,10 @@ What `prepare()` does, each for a named reason (DeepSpeed 0.19.8, torch 2.13):
   `alectra.model.ElectraOutput`. Only the root module returns one, and the root holds no parameters of its
   own (they all sit in its submodules, which return plain tensors), so there is nothing for that hook to
   fetch: the warning is dropped for that class only.
+- **"untested optimizer".** DeepSpeed warns on rank 0 (`engine.py`, `_do_optimizer_sanity_check`) for any
+  ZeRO optimizer not on its list; the only one alectra hands it is `alectra.optim.Lamb`, whose ZeRO-1/2
+  runs are tested against a reference LAMB (tests/test_lamb_zero.py), and the config key that lets it
+  through (`zero_allow_untested_optimizer`) is set by alectra, not by the user: the warning is dropped.
 
 `quiet_output()` captures what a library prints to stdout/stderr during one call (DeepSpeed's progress
 prints and tqdm bars in `zero_to_fp32`, its "op built successfully" line, Hugging Face's "Writing model
@@ -47,6 +51,7 @@ _VENDOR_PACKAGES = {
 }
 _TORCH_DEPRECATIONS = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
 _ZERO3_OUTPUT_WARNING = "A module has unknown inputs or outputs type (<class 'alectra.model.ElectraOutput'>)"
+_UNTESTED_OPTIMIZER_WARNING = "**** You are using ZeRO with an untested optimizer"
 
 _prepared: str | None = None
 
@@ -70,12 +75,12 @@ def accelerator_name() -> str:
 
 
 class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, *prefixes: str) -> None:
         super().__init__()
-        self.prefix = prefix
+        self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def prepare() -> str:
@@ -88,7 +93,8 @@ def prepare() -> str:
         warnings.filterwarnings("ignore", message=_TORCH_DEPRECATIONS, category=FutureWarning)
         # The logger DeepSpeed creates on import (deepspeed/utils/logging.py: logging.getLogger("DeepSpeed"));
         # a filter added before that survives its setLevel/addHandler.
-        logging.getLogger("DeepSpeed").addFilter(_DropMessage(_ZERO3_OUTPUT_WARNING))
+        dropped = _DropMessage(_ZERO3_OUTPUT_WARNING, _UNTESTED_OPTIMIZER_WARNING)
+        logging.getLogger("DeepSpeed").addFilter(dropped)
     return _prepared
 
 
