@@ -257,7 +257,8 @@ class PhasedEngine:
         return getattr(self._engine, name)
 
     def __call__(self, *args, **kwargs):
-        return self._engine(*args, **kwargs)
+        with self._counter.in_phase("forward"):
+            return self._engine(*args, **kwargs)
 
     def backward(self, loss, **kwargs):
         with self._counter.in_phase("backward"):
@@ -266,14 +267,6 @@ class PhasedEngine:
     def step(self, **kwargs):
         with self._counter.in_phase("step"):
             return self._engine.step(**kwargs)
-
-
-def _phased(counter: OpCounter, phase: str, fn):
-    def run(*args, **kwargs):
-        with counter.in_phase(phase):
-            return fn(*args, **kwargs)
-
-    return run
 
 
 def resolved_plan(cfg, ds_path: Path, precision: str):
@@ -335,14 +328,11 @@ def engine_stepper(args, preset: str, ds_path: Path, precision: str, phases) -> 
             export=None,
             last_checkpoint=None,
         )
-        trainer._to_device = _phased(phases, "data", trainer._to_device)
-        trainer._forward = _phased(phases, "forward", trainer._forward)
         batch = synthetic_batch(args)
 
-        def step() -> None:  # Trainer.train's per-step calls, minus the report-cadence ones
+        def step() -> None:  # Trainer.train's per-step calls between report steps
             engine.get_lr()
-            nonfinite, waited = trainer._train_step(iter([batch]))
-            trainer._sync_flags(nonfinite)
+            waited = trainer._train_step(iter([batch]))
             trainer.reporter.step_done(waited)
             trainer.state.step += 1
 

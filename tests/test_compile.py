@@ -1,9 +1,10 @@
 """`train.compile` (alectra.training.compile) through the real DeepSpeed engine on CPU (issue 12, item 4).
 
-The trainer's engine is built in this process exactly as `pretrain.py` builds it (`check`, `build_trainer`:
-1 rank, gloo, ZeRO-2, fp32), on the demo corpus cut into the seed's line pairs at length 32, so every
-micro-batch is padded differently and masks a different number of tokens. Compiled with "aot_eager" (the
-capture without code generation: seconds to compile on a CPU), 30 optimizer steps:
+The trainer is built in this process exactly as `pretrain.py` builds it (`check`, `build_trainer`: 1 rank,
+gloo, ZeRO-2, fp32, `train.compile` applied to the engine), on the demo corpus cut into the seed's line pairs
+at length 32, so every micro-batch is padded differently and masks a different number of tokens. The
+trainer's own step (`Trainer._train_step`: device seed tensor, forward, backward, step), compiled with
+"aot_eager" (the capture without code generation: seconds to compile on a CPU), 30 optimizer steps:
 - Dynamo captures the model's forward as one graph, no graph break, and AOTAutograd its backward as one;
 - nothing recompiles (the seed is a device tensor; shapes are static);
 - losses and the final weights match the eager engine's (rtol 1e-5) on the same batches: ZeRO's hooks saw
@@ -20,7 +21,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from alectra.config import COMPILE_MODES, ConfigError, load_config
-from alectra.seeds import Stream, derive_seed, step_seed
 from alectra.training.compile import COMPILE_OPTIONS, compile_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,21 +75,9 @@ def demo(tmp_path_factory) -> Path:
     return prepare_demo(tmp_path_factory.mktemp("data") / "demo", vocab_size=1000, max_documents=120)
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """One process group for every engine of this module: DeepSpeed keeps its groups in module globals
-    (deepspeed.utils.groups), so an engine built after the group was destroyed and made again fails."""
-    from alectra.distributed import init_distributed_env
-    from alectra.training import build
-
-    init_distributed_env()
-    build.init_process_group()
-    yield
-    torch.distributed.destroy_process_group()
-
-
-def train(demo: Path, out: Path, mode: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """STEPS optimizer steps of the real engine with `train.compile` = mode; (losses, final weights)."""
+def train(demo: Path, out: Path, mode: str) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """STEPS optimizer steps of the trainer's own step with `train.compile` = mode (applied by build_trainer);
+    per step (loss, masked slots, real tokens), and the final weights."""
     from unittest import mock
 
     from alectra.pretrain import check
@@ -113,30 +101,28 @@ def train(demo: Path, out: Path, mode: str) -> tuple[list[float], dict[str, torc
     args = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
     cfg, plan, data = check(None, args, str(ROOT / "ds_configs" / "zero2.json"))
     trainer = build.build_trainer(cfg, plan, data)
-    engine = trainer.engine
-    compile_engine(engine, cfg.train.compile, device_type="cpu", zero_stage=plan.zero_stage)
-    batches = iter(trainer._loader(trainer.train_dataset, 0, workers=0))
-    seed = torch.zeros((), dtype=torch.int64, device=engine.device)  # one device tensor, refilled per step
-    losses = []
+    loader = trainer._loader(trainer.train_dataset, 0, workers=0)
+    batches = [batch for batch, _ in zip(loader, range(STEPS), strict=False)]
+    rows = []
     try:
-        for step in range(STEPS):
-            batch = next(batches)
-            value = step_seed(cfg.train.seed, step, 0)
-            seed.fill_(value)
-            torch.manual_seed(derive_seed(value, Stream.DROPOUT))
-            out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seed)
-            engine.backward(out.loss)
-            engine.step()
-            real_tokens = float(batch["attention_mask"].sum())
-            losses.append([out.loss.item(), float(out.metrics["gen_total"]), real_tokens])
-        weights = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+        for batch in batches:
+            trainer._train_step(iter([batch]))
+            trainer.state.step += 1
+            sums = dict(zip(trainer.sums.keys, trainer.sums.sums.tolist(), strict=True))
+            trainer.sums.sums.zero_()
+            rows.append([sums["loss"], sums["gen_total"], float(batch["attention_mask"].sum())])
+        weights = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
     finally:
-        with mock.patch.object(torch.distributed, "destroy_process_group"):  # the fixture's, kept
+        with mock.patch.object(
+            torch.distributed, "destroy_process_group"
+        ):  # conftest's, kept for later modules
             trainer.close()
-    return losses, weights
+    return rows, weights
 
 
-def test_compiled_engine_is_one_graph_never_recompiles_and_trains_like_eager(demo, process_group, tmp_path):
+def test_compiled_engine_is_one_graph_never_recompiles_and_trains_like_eager(
+    demo, single_process_group, tmp_path
+):
     eager_losses, eager_weights = train(demo, tmp_path / "eager", "off")
     torch._dynamo.reset()
     counters.clear()
