@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -43,6 +44,34 @@ def test_bad_value_is_one_line_and_exit_2(capsys):
     assert main(["--train.compile", "max-autotune"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: train.compile must be one of {COMPILE_MODES}, got 'max-autotune'"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--train.compile", "cuda-graphs"],
+            "train.compile cuda-graphs needs a CUDA GPU; this run is on cpu",
+        ),
+        (
+            ["--train.compile", "on", "--deepspeed", str(ROOT / "ds_configs" / "zero3.json")],
+            "train.compile on is for",
+        ),
+    ],
+)
+def test_impossible_combination_stops_before_deepspeed_starts(args, message, capsys):
+    """pretrain.py says it in one line, exit 2, from its checks: build (DeepSpeed) is never reached."""
+    from alectra.pretrain import main
+    from alectra.training import build
+
+    never = AssertionError("DeepSpeed started")
+    with (
+        mock.patch.object(build, "init_process_group", side_effect=never),
+        mock.patch.object(build, "build_trainer", side_effect=never),
+    ):
+        assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {message}"), line
 
 
 def test_help_lists_the_switch(capsys):
@@ -78,7 +107,6 @@ def demo(tmp_path_factory) -> Path:
 def train(demo: Path, out: Path, mode: str) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
     """STEPS optimizer steps of the trainer's own step with `train.compile` = mode (applied by build_trainer);
     per step (loss, masked slots, real tokens), and the final weights."""
-    from unittest import mock
 
     from alectra.pretrain import check
     from alectra.training import build

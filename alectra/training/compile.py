@@ -37,12 +37,11 @@ COMPILE_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
 """`train.compile` value -> (torch.compile backend, its keyword arguments); "off" compiles nothing."""
 
 
-def compile_engine(engine: Any, mode: str, *, device_type: str, zero_stage: int) -> None:
-    """Compile the model `engine` wraps, in place, as `train.compile` = `mode` asks (nothing for "off").
-
-    A combination that cannot work is a ConfigError (one line, exit 2): CUDA graphs without a GPU, and ZeRO-3,
-    whose parameters are gathered by module hooks around each submodule's forward (a graph break at every
-    layer: DeepSpeed's DeepCompile is the way to compile it, not this switch)."""
+def check_compile(mode: str, *, device_type: str, zero_stage: int) -> None:
+    """Raise ConfigError (one line, exit 2) for a `train.compile` that cannot work on this run, before
+    DeepSpeed starts (alectra.pretrain.check): CUDA graphs without a GPU, and ZeRO-3, whose parameters are
+    gathered by module hooks around each submodule's forward (a graph break at every layer: DeepSpeed's
+    DeepCompile is the way to compile it, not this switch)."""
     if mode == "off":
         return
     if mode == "cuda-graphs" and device_type != "cuda":
@@ -54,5 +53,13 @@ def compile_engine(engine: Any, mode: str, *, device_type: str, zero_stage: int)
             f"train.compile {mode} is for ZeRO stages 0-2; with ZeRO-3 set train.compile off "
             "(or use ds_configs/zero2.json)"
         )
+
+
+def compile_engine(engine: Any, mode: str, *, device_type: str, zero_stage: int) -> None:
+    """Compile the model `engine` wraps, in place, as `train.compile` = `mode` asks (nothing for "off"),
+    after `check_compile`."""
+    check_compile(mode, device_type=device_type, zero_stage=zero_stage)
+    if mode == "off":
+        return
     backend, options = COMPILE_OPTIONS[mode]
     engine.compile(backend=backend, compile_kwargs=options)
