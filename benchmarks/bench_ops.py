@@ -8,9 +8,10 @@ did: views (`func.is_view`: view, reshape-as-view, t, slice, ...), `detach` and 
 
 - engine: the model and engine exactly as `alectra.training.build` builds them (`build_engine`: optimizer,
   LR schedule, `deepspeed.initialize` from the resolved DeepSpeed JSON), stepped by the trainer's own
-  `Trainer._train_step` and `_sync_flags` on a synthetic batch. Phases: data (`Trainer._to_device`),
-  forward (`Trainer._forward`), backward (`engine.backward`), step (`engine.step`), trainer (everything
-  else of the step: non-finite flag, metric sums, the per-step flag all-reduce).
+  `Trainer._train_step` (alectra.training.trainer.train_step) on a synthetic batch, between report steps.
+  Phases: data (0 here: the batch's copy to the device, nothing on a CPU, falls in trainer), forward (the
+  engine's `__call__`), backward (`engine.backward`), step (`engine.step`), trainer (everything else of the
+  step: the batch's copy, the seed tensor's refill, the non-finite counters, metric sums).
 - bare: the same `ElectraPretrainingModel` (same init seed), `loss.backward()`, `clip_grad_norm_` and torch's
   fused AdamW (`build_optimizer`) + the LR schedule. In bf16 two of them: "autocast" (fp32 weights, the
   forward under `torch.autocast`: the bare loop bench_step and bench_pretrain run on a GPU, the one the
