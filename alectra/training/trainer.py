@@ -148,9 +148,10 @@ class StopFlags:
 
     The flag is host data, so agreeing on it never waits for the device: with one rank it is read as is; with
     several, one 1-element all-reduce (MAX) of a CPU tensor on a gloo group made for it (beside NCCL on GPUs,
-    the same backend on CPUs; torch.distributed.new_group), tens of microseconds on a node. So every rank
-    stops at the same step, the one the signal arrived in, whatever `logging.every` is: SLURM's grace period
-    is not spent waiting for a report step."""
+    the same backend on CPUs; torch.distributed.new_group): host time only, 1.35 ms per call measured with 2
+    ranks on a loaded 2-core CPU machine (loopback TCP). So every rank stops at the same step, the one the
+    signal arrived in, whatever `logging.every` is: SLURM's grace period is not spent waiting for a report
+    step."""
 
     def __init__(self, request: StopRequest, world_size: int) -> None:
         self.request = request
