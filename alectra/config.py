@@ -31,6 +31,8 @@ from alectra.presets import PRESETS, ModelConfig, get_preset
 from alectra.storage.atomic import write_text_atomic
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+COMPILE_MODES = ("off", "on", "cuda-graphs", "aot_eager")
+"""`train.compile` values (alectra.training.compile says what each runs)."""
 DEMO_GLOBAL_BATCH = 16
 """Sequences per step when the config gives no global batch (the CPU demo), rounded up to a whole number
 of micro-batches over all ranks."""
@@ -162,8 +164,19 @@ class TrainSection:
     """Base seed: model init, masking/sampling and dropout (per step and micro-batch slot)."""
     max_nonfinite_steps: int = 5
     """Consecutive steps with a non-finite loss/gradient that are skipped before the run stops."""
+    compile: str = "off"
+    """Graph capture of the model's forward and backward (alectra.training.compile): "off" = eager; "on" =
+    torch.compile, inductor (Triton on a GPU, C++ on a CPU); "cuda-graphs" = "on" replayed as CUDA graphs
+    (inductor's reduce-overhead; GPU only); "aot_eager" = the same capture run by eager ops (no code
+    generation: compiles in seconds; checks capture on a CPU). YAML false / true mean off / on."""
 
     def __post_init__(self) -> None:
+        # PyYAML reads `off` / `on` (YAML 1.1 booleans) as false / true; _coerce made them "False" / "True"
+        self.compile = {"False": "off", "True": "on"}.get(self.compile, self.compile)
+        _require(
+            self.compile in COMPILE_MODES,
+            f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}",
+        )
         for name in ("steps", "global_batch_size", "micro_batch_size", "max_nonfinite_steps"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"train.{name} must be >= 1, got {value}")

@@ -61,6 +61,7 @@ def check(
     """Everything that can be checked before DeepSpeed starts: the run config at this world size, the
     DeepSpeed JSON and the datasets given in data.paths (the demo corpus is built later, by rank 0)."""
     from alectra.distributed import init_distributed_env
+    from alectra.training.compile import check_compile
     from alectra.training.data import open_run_data
     from alectra.training.ds_config import detect_hardware, load_ds_json, resolve_ds_config
 
@@ -73,6 +74,7 @@ def check(
     ds_json = load_ds_json(deepspeed)
     data = open_run_data(cfg, cfg.data.paths) if cfg.data.paths else None
     plan = resolve_ds_config(ds_json, cfg, detect_hardware(), world_size)  # the first to import torch
+    check_compile(cfg.train.compile, device_type=plan.accelerator, zero_stage=plan.zero_stage)
     return cfg, plan, data
 
 

@@ -8,9 +8,10 @@ did: views (`func.is_view`: view, reshape-as-view, t, slice, ...), `detach` and 
 
 - engine: the model and engine exactly as `alectra.training.build` builds them (`build_engine`: optimizer,
   LR schedule, `deepspeed.initialize` from the resolved DeepSpeed JSON), stepped by the trainer's own
-  `Trainer._train_step` and `_sync_flags` on a synthetic batch. Phases: data (`Trainer._to_device`),
-  forward (`Trainer._forward`), backward (`engine.backward`), step (`engine.step`), trainer (everything
-  else of the step: non-finite flag, metric sums, the per-step flag all-reduce).
+  `Trainer._train_step` (alectra.training.trainer.train_step) on a synthetic batch, between report steps.
+  Phases: data (0 here: the batch's copy to the device, nothing on a CPU, falls in trainer), forward (the
+  engine's `__call__`), backward (`engine.backward`), step (`engine.step`), trainer (everything else of the
+  step: the batch's copy, the seed tensor's refill, the non-finite counters, metric sums).
 - bare: the same `ElectraPretrainingModel` (same init seed), `loss.backward()`, `clip_grad_norm_` and torch's
   fused AdamW (`build_optimizer`) + the LR schedule. In bf16 two of them: "autocast" (fp32 weights, the
   forward under `torch.autocast`: the bare loop bench_step and bench_pretrain run on a GPU, the one the
@@ -257,7 +258,8 @@ class PhasedEngine:
         return getattr(self._engine, name)
 
     def __call__(self, *args, **kwargs):
-        return self._engine(*args, **kwargs)
+        with self._counter.in_phase("forward"):
+            return self._engine(*args, **kwargs)
 
     def backward(self, loss, **kwargs):
         with self._counter.in_phase("backward"):
@@ -266,14 +268,6 @@ class PhasedEngine:
     def step(self, **kwargs):
         with self._counter.in_phase("step"):
             return self._engine.step(**kwargs)
-
-
-def _phased(counter: OpCounter, phase: str, fn):
-    def run(*args, **kwargs):
-        with counter.in_phase(phase):
-            return fn(*args, **kwargs)
-
-    return run
 
 
 def resolved_plan(cfg, ds_path: Path, precision: str):
@@ -335,14 +329,11 @@ def engine_stepper(args, preset: str, ds_path: Path, precision: str, phases) -> 
             export=None,
             last_checkpoint=None,
         )
-        trainer._to_device = _phased(phases, "data", trainer._to_device)
-        trainer._forward = _phased(phases, "forward", trainer._forward)
         batch = synthetic_batch(args)
 
-        def step() -> None:  # Trainer.train's per-step calls, minus the report-cadence ones
+        def step() -> None:  # Trainer.train's per-step calls between report steps
             engine.get_lr()
-            nonfinite, waited = trainer._train_step(iter([batch]))
-            trainer._sync_flags(nonfinite)
+            waited = trainer._train_step(iter([batch]))
             trainer.reporter.step_done(waited)
             trainer.state.step += 1
 

@@ -2,15 +2,15 @@
 and CSV monitor every step) against a bare loop that trains on the SAME batches with the same math, side by
 side, alternating, each in its own subprocess.
 
-The bare loop draws its batches through the project's own pipeline with the engine's run config
-(`alectra.training.data.pretraining_datasets` + `build_dataloader`: same dataset, seed, sample order and
-micro-batch), builds
-the same `ElectraPretrainingModel` (same init seed) and the same torch AdamW (`build_optimizer`: parameter
-groups, betas, eps, weight decay), LR schedule and clipping norm, and seeds masking/sampling/dropout per step
-exactly as the trainer does. So both runs compute the same losses, which this script checks step by step
-(any mismatch beyond float rounding aborts it: the comparison would not be of the same batches). What is
-left between the two is the engine: the DeepSpeed ZeRO-2 wrapper (flat gradient buffers, partitioned
-optimizer step, its clipping), the per-step metric reduction and report, the DataLoader hand-off.
+Both sides run the trainer's own step (`alectra.training.trainer.train_step`: seeds, forward, backward,
+step, metric sums); the bare side through `BareEngine`. The bare loop draws its batches through the project's
+own pipeline with the engine's run config (`alectra.training.data.pretraining_datasets` + `build_dataloader`:
+same dataset, seed, sample order and micro-batch), builds the same `ElectraPretrainingModel` (same init seed)
+and the same torch AdamW (`build_optimizer`: parameter groups, betas, eps, weight decay), LR schedule and
+clipping norm. So both runs compute the same losses, which this script checks step by step (any mismatch
+beyond float rounding aborts it: the comparison would not be of the same batches). What is left between the
+two is the engine: the DeepSpeed ZeRO wrapper (flat gradient buffers, partitioned optimizer step, its
+clipping), the per-step metric report (logging.every 1), the DataLoader hand-off.
 The bare loop's batches are in memory before its clock starts (no data wait by construction).
 
 Timing: per step, the steps after the first (warm-up); median per run, then median over runs. Wall-clock
@@ -62,16 +62,56 @@ def cli_overrides(overrides: dict[str, object]) -> list[str]:
     return [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
 
 
+class BareEngine:
+    """The bare loop behind the engine interface the trainer's `train_step` drives: the model with fp32
+    weights (under bf16 autocast when `autocast`), `loss.backward()`, `clip_grad_norm_`, torch's AdamW with
+    the run's parameter groups (`build_optimizer`: fused on a GPU) and LR schedule, one update per micro-batch
+    (benchmarks run micro = global batch). What a plain PyTorch loop does; nothing of DeepSpeed."""
+
+    def __init__(self, model, cfg, *, autocast: bool = False) -> None:
+        import torch
+
+        from alectra.training.optim import build_optimizer, build_scheduler
+
+        self.module = model
+        self.device = next(model.parameters()).device
+        self.optimizer = build_optimizer(model, cfg.train, offload=False)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.clip = cfg.train.clip_grad_norm
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast)
+        model.train()
+
+    def __call__(self, *args, **kwargs):
+        with self.autocast:
+            return self.module(*args, **kwargs)
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        import torch
+
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def was_step_applied(self) -> bool:
+        return True
+
+
 def bare_worker(overrides: list[str]) -> dict:
-    """The bare loop (in its own process): per-step seconds and losses on the engine's batches."""
+    """The bare loop (in its own process): per-step seconds and losses on the engine's batches, stepped by the
+    trainer's own `train_step` (seeds, forward, backward, step, metric sums) through `BareEngine`."""
     import torch
 
     from alectra.config import load_config
     from alectra.data import build_dataloader
     from alectra.model import ElectraPretrainingModel
-    from alectra.seeds import Stream, derive_seed, step_seed
     from alectra.training.data import open_run_data, pretraining_datasets
-    from alectra.training.optim import build_optimizer, build_scheduler
+    from alectra.training.metrics import MetricSums
+    from alectra.training.trainer import StepHealth, StepSeeds, train_step
 
     cfg = load_config(None, overrides).at_world_size(1)
     data = open_run_data(cfg, [cfg.data.demo_dir])
@@ -91,21 +131,14 @@ def bare_worker(overrides: list[str]) -> dict:
     model = ElectraPretrainingModel(
         cfg.model.model_config(), vocab_size=data.vocab_size, special_token_ids=data.special_token_ids
     )
-    model.train()
-    optimizer = build_optimizer(model, cfg.train, offload=False)
-    scheduler = build_scheduler(optimizer, cfg.train)
+    engine = BareEngine(model, cfg)
+    device = engine.device
+    seeds, sums, health = StepSeeds(cfg.train.seed, device), MetricSums(device), StepHealth(device)
     seconds, cpu_seconds, losses = [], [], []
     for step, batch in enumerate(batches):
         start, start_cpu = time.perf_counter(), time.process_time()
-        seed = step_seed(cfg.train.seed, step, 0)  # trainer: (seed, step, micro * dp_size + rank)
-        torch.manual_seed(derive_seed(seed, Stream.DROPOUT))
-        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seed)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        losses.append(out.loss.item())
+        train_step(engine, iter([batch]), seeds=seeds, step=step, slots=(0,), sums=sums, health=health)
+        losses.append(sums.reduce()["loss"])  # the engine reports (reads) every step too: logging.every 1
         seconds.append(time.perf_counter() - start)
         cpu_seconds.append(time.process_time() - start_cpu)
     return {

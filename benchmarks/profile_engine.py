@@ -48,6 +48,7 @@ def main() -> None:
 
     from alectra.pretrain import check
     from alectra.training import build
+    from alectra.training.trainer import BATCH_KEYS, to_device
 
     build_bench_data(Path(args.data_dir), 30522)
     out = tempfile.mkdtemp()
@@ -84,9 +85,9 @@ def main() -> None:
                 sync()
                 marks.append(time.perf_counter())
 
-        batch = trainer._to_device(next(batches))
+        batch = to_device(next(batches), engine.device)
         mark()
-        out = trainer._forward(batch, next(counter))
+        out = engine(*(batch[k] for k in BATCH_KEYS), seed=trainer.seeds.set(next(counter), trainer.rank))
         mark()
         engine.backward(out.loss)
         mark()

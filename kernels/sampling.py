@@ -368,8 +368,10 @@ def philox_uniform4(seed: torch.Tensor | int, offsets: torch.Tensor) -> torch.Te
     zeros = torch.zeros_like(offsets)
     left = torch.stack((offsets & _MASK32, zeros), dim=-1)  # (..., 2) words (c0, c2)
     right = torch.stack(((offsets >> 32) & _MASK32, zeros), dim=-1)  # (..., 2) words (c1, c3)
-    multipliers = torch.tensor((_PHILOX_ROUND_A, _PHILOX_ROUND_B), device=offsets.device)  # (2,)
-    key_steps = torch.tensor((_PHILOX_KEY_A, _PHILOX_KEY_B), device=offsets.device)  # (2,)
+    # The (2,) constants are made on the device: `torch.tensor` would copy them from the host on every call.
+    first = torch.arange(2, device=offsets.device) == 0  # (2,) [True, False]
+    multipliers = torch.where(first, _PHILOX_ROUND_A, _PHILOX_ROUND_B)  # (2,) int64
+    key_steps = torch.where(first, _PHILOX_KEY_A, _PHILOX_KEY_B)  # (2,) int64
     key = torch.stack((seed & _MASK32, (seed >> 32) & _MASK32))  # (2,) (k0, k1)
     rounds = torch.arange(_PHILOX_ROUNDS, device=offsets.device)[:, None]  # (R, 1)
     keys = (key + rounds * key_steps) & _MASK32  # (R, 2): the key of each round

@@ -25,6 +25,7 @@ from alectra.training.checkpoint import (
     restore_param_groups,
     universal_checkpoint,
 )
+from alectra.training.compile import compile_engine
 from alectra.training.data import RunData, pretraining_datasets
 from alectra.training.ds_config import DeepSpeedPlan, write_ds_config
 from alectra.training.metrics import MetricsReporter
@@ -105,6 +106,7 @@ def build_trainer(cfg: RunConfig, plan: DeepSpeedPlan, data: RunData) -> Trainer
     flops_per_token = model.flops_per_token(cfg.data.max_seq_length)
     model.to(_device(plan))
     engine = build_engine(model, cfg, ds_config, offload=plan.offload_optimizer)
+    compile_engine(engine, cfg.train.compile, device_type=plan.accelerator, zero_stage=plan.zero_stage)
     state = TrainState() if resume is None else _restore(engine, resume, same_world)
 
     if rank == 0:

@@ -5,6 +5,15 @@ One optimizer step = `grad_accum` micro-batches, each `engine(...)`, `engine.bac
 global slot `m * dp_size + r`, the same samples the data sampler gives it (docs/architecture.md), and its
 masking/sampling seed and dropout RNG are derived from (seed, step, slot). So a run's losses do not depend on
 how the global batch is split over ranks and accumulation, and a resumed run repeats them bit for bit.
+
+A step never waits for the device (issue 12, item 3; tests/test_step_syncs.py): the seed is one int64 device
+tensor refilled in place (`StepSeeds`), losses and metric counts are summed on the device (`MetricSums`),
+non-finite losses are counted there (`StepHealth`), and the engine's non-finite skip is decided there
+(alectra.training.zero). The host reads them in one all-reduce at the steps where it acts anyway: a report,
+an evaluation, a checkpoint, the last step (`Trainer._is_sync_step`); a run of non-finite steps is acted on
+there, at most `logging.every` steps later, and always before a checkpoint is written. A stop signal is host
+data and is acted on at the end of the step it arrived in (`StopFlags`: with several ranks a 1-element
+all-reduce on a gloo group of CPU tensors, which never touches the device).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +42,7 @@ from alectra.training.metrics import MetricsReporter, MetricSums
 from alectra.training.signals import EXIT_OK, EXIT_REQUEUE, StopRequest, init_worker
 
 log = logging.getLogger(__name__)
+BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,6 +63,153 @@ class TrainState:
     def __post_init__(self) -> None:
         if min(self.step, self.consumed_samples, self.nonfinite_steps) < 0:
             raise ValueError(f"TrainState fields must be >= 0, got {self}")
+
+
+class StepSeeds:
+    """The seed of the current micro-batch as ONE int64 0-dim tensor on the device, refilled in place.
+
+    `fill_` launches one kernel with the value as its argument: no host -> device copy, one address for the
+    whole run (a captured CUDA graph reads it there), and a compiled forward never specialises on the value.
+    Dropout follows torch's generator, reseeded on the host from the same seed (`torch.manual_seed`: no device
+    work), so dropout follows the samples, not the rank."""
+
+    def __init__(self, base_seed: int, device: torch.device | str) -> None:
+        self.base_seed = base_seed
+        self.tensor = torch.zeros((), dtype=torch.int64, device=device)
+
+    def set(self, step: int, slot: int) -> torch.Tensor:
+        """The seed tensor, now holding `step_seed(base_seed, step, slot)`."""
+        seed = step_seed(self.base_seed, step, slot)
+        self.tensor.fill_(seed)
+        torch.manual_seed(derive_seed(seed, Stream.DROPOUT))
+        return self.tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class Health:
+    """`StepHealth.read`: what happened since the last read."""
+
+    consecutive: int
+    """Non-finite steps in a row up to the last step."""
+    longest: int
+    """Longest run of non-finite steps that grew since the last read, counted from its first step."""
+    total: int
+    """Non-finite steps since the last read."""
+    lost: bool
+    """A step had a non-finite loss and the engine applied its update anyway."""
+
+
+class StepHealth:
+    """Non-finite steps counted on the device, read (one all-reduce, one sync) only when the trainer asks.
+
+    Per micro-batch `add` folds the loss's non-finite flag in; per optimizer step `step_done` turns it into
+    counters: the run of non-finite steps going on, the longest run and the number since the last read, and
+    whether the engine applied an update with a non-finite loss (`skipped`: its device flag, 1 = skipped).
+    With several ranks the step's flag is all-reduced (MAX) on the device, so every rank counts the same."""
+
+    _COUNTERS = ("consecutive", "longest", "total", "lost")
+
+    def __init__(self, device: torch.device | str, dp_size: int = 1) -> None:
+        self.counts = torch.zeros(len(self._COUNTERS), dtype=torch.float32, device=device)
+        self.bad = torch.zeros((), dtype=torch.float32, device=device)  # this step's flag, 1 = non-finite
+        self.dp_size = dp_size
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Fold one micro-batch's loss in (no host sync)."""
+        torch.maximum(self.bad, torch.isfinite(loss.detach()).logical_not().float(), out=self.bad)
+
+    def step_done(self, skipped: torch.Tensor | float) -> None:
+        """Count the optimizer step that just ended (no host sync); `skipped` = the engine skipped it."""
+        if self.dp_size > 1:
+            torch.distributed.all_reduce(self.bad, op=torch.distributed.ReduceOp.MAX)
+        consecutive, longest, total, lost = self.counts.unbind()
+        consecutive.add_(1).mul_(self.bad)  # bad ? consecutive + 1 : 0
+        torch.maximum(longest, consecutive, out=longest)
+        total.add_(self.bad)
+        torch.maximum(lost, self.bad * (1 - skipped), out=lost)
+        self.bad.zero_()
+
+    def read(self) -> Health:
+        """All-reduce (MAX) the counters over ranks, read them (the sync), start anew."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(self.counts, op=torch.distributed.ReduceOp.MAX)
+        values = dict(zip(self._COUNTERS, self.counts.tolist(), strict=True))
+        self.counts[1:].zero_()  # a run going on keeps its length in `consecutive`
+        return Health(
+            consecutive=int(values["consecutive"]),
+            longest=int(values["longest"]),
+            total=int(values["total"]),
+            lost=values["lost"] > 0,
+        )
+
+
+class StopFlags:
+    """Whether any rank got a stop signal (SIGTERM / SIGUSR1), asked at the end of every step.
+
+    The flag is host data, so agreeing on it never waits for the device: with one rank it is read as is; with
+    several, one 1-element all-reduce (MAX) of a CPU tensor on a gloo group made for it (beside NCCL on GPUs,
+    the same backend on CPUs; torch.distributed.new_group): host time only, 1.35 ms per call measured with 2
+    ranks on a loaded 2-core CPU machine (loopback TCP). So every rank stops at the same step, the one the
+    signal arrived in, whatever `logging.every` is: SLURM's grace period is not spent waiting for a report
+    step."""
+
+    def __init__(self, request: StopRequest, world_size: int) -> None:
+        self.request = request
+        self.group = torch.distributed.new_group(backend="gloo") if world_size > 1 else None
+        self.flag = torch.zeros(1)  # on the host, always
+
+    def any(self) -> bool:
+        """Whether this or any other rank got a stop signal (collective when there are several ranks)."""
+        if self.group is None:
+            return self.request.received
+        self.flag.fill_(float(self.request.received))
+        torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(self.flag.item())  # a CPU tensor: no device involved
+
+
+def skipped_flag(engine: Any) -> torch.Tensor | float:
+    """Whether the engine skipped the step it just took: alectra.training.zero's device flag where its path
+    runs (no sync), else DeepSpeed's host answer (its own path has read the device already)."""
+    flag = getattr(engine.optimizer, "skipped_last_step", None)
+    if flag is not None:
+        return flag
+    return 0.0 if engine.was_step_applied() else 1.0
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A batch on `device` (asynchronous from the loader's pinned memory on a GPU)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(
+    engine: Any,
+    batches: Iterator[dict[str, torch.Tensor]],
+    *,
+    seeds: StepSeeds,
+    step: int,
+    slots: Sequence[int],
+    sums: MetricSums,
+    health: StepHealth,
+) -> float:
+    """One optimizer step: a micro-batch per global slot in `slots` (micro * dp_size + rank), each forward,
+    `engine.backward`, `engine.step()` (the update is applied after the last); losses, counts and the
+    non-finite flag stay on the device. Nothing here waits for the device. Returns the seconds spent waiting
+    for batches. `engine` is DeepSpeed's, or anything with its `__call__`, `backward`, `step`, `device`,
+    `optimizer`, `was_step_applied` (benchmarks/bench_pretrain.py `BareEngine`)."""
+    waited = 0.0
+    for slot in slots:
+        start = time.perf_counter()
+        batch = to_device(next(batches), engine.device)
+        waited += time.perf_counter() - start
+        out = engine(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seeds.set(step, slot)
+        )
+        engine.backward(out.loss)
+        engine.step()
+        health.add(out.loss)
+        sums.add(out)
+    health.step_done(skipped_flag(engine))
+    return waited
 
 
 def rng_states() -> dict[str, Any]:
@@ -102,7 +260,11 @@ class Trainer:
         self.rank = torch.distributed.get_rank()
         self.dp_size = plan.batch.dp_size
         self.stop = StopRequest()
+        self.stop_flags = StopFlags(self.stop, torch.distributed.get_world_size())
         self.sums = MetricSums(engine.device)
+        self.seeds = StepSeeds(cfg.train.seed, engine.device)
+        self.health = StepHealth(engine.device, self.dp_size)
+        self.slots = [micro * self.dp_size + self.rank for micro in range(self.grad_accum)]
         self._last_saved = last_checkpoint
         self._failed = False
 
@@ -122,53 +284,56 @@ class Trainer:
         loader.worker_init_fn = functools.partial(init_worker, parent_pid=os.getpid())
         return loader
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
-
-    def _forward(self, batch: dict[str, torch.Tensor], seed: int):
-        torch.manual_seed(derive_seed(seed, Stream.DROPOUT))  # dropout follows the samples, not the rank
-        return self.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seed)
-
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def _train_step(self, batches) -> tuple[torch.Tensor, float]:
-        """Run `grad_accum` micro-batches; return (local non-finite flag, seconds waited for data)."""
-        waited, nonfinite = 0.0, torch.zeros((), device=self.engine.device)
-        for micro in range(self.grad_accum):
-            t0 = time.perf_counter()
-            batch = self._to_device(next(batches))
-            waited += time.perf_counter() - t0
-            seed = step_seed(self.cfg.train.seed, self.state.step, micro * self.dp_size + self.rank)
-            out = self._forward(batch, seed)
-            self.engine.backward(out.loss)
-            self.engine.step()
-            nonfinite = torch.maximum(nonfinite, (~torch.isfinite(out.loss)).float())
-            self.sums.add(out)
-        return nonfinite, waited
+    def _train_step(self, batches) -> float:
+        """`train_step` at this step with this rank's slots; seconds waited for data."""
+        return train_step(
+            self.engine,
+            batches,
+            seeds=self.seeds,
+            step=self.state.step,
+            slots=self.slots,
+            sums=self.sums,
+            health=self.health,
+        )
 
-    def _sync_flags(self, nonfinite: torch.Tensor) -> tuple[bool, bool]:
-        """One all-reduce per step: (any rank saw a non-finite loss, any rank got a stop signal)."""
-        flags = torch.stack([nonfinite, torch.tensor(float(self.stop.received), device=nonfinite.device)])
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad, stop = flags.tolist()
-        return bad > 0, stop > 0
+    def _is_sync_step(self, step: int) -> bool:
+        """Steps where the host reads the device (a report, an evaluation, a checkpoint, the last step); the
+        same on every rank, since the read is an all-reduce."""
+        cfg = self.cfg
+        return (
+            step % cfg.logging.every == 0
+            or step == cfg.train.steps
+            or self.checkpointer.due(step)
+            or bool(cfg.logging.eval_every and step % cfg.logging.eval_every == 0)
+        )
 
-    def _handle_nonfinite(self, consecutive: int) -> None:
-        if self.engine.was_step_applied():
+    def _check_health(self) -> None:
+        """Read the non-finite counters of every rank (the step's one sync); raise when the run must stop."""
+        health = self.health.read()
+        step = self.state.step
+        self.state.nonfinite_steps += health.total
+        if health.lost:
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.state.step + 1} and DeepSpeed applied the update (its "
-                f"overflow check is off: gradient_clipping 0 or bf16.check_grad_overflow false); the weights "
-                f"are lost, resume from the last checkpoint with a lower train.lr"
+                f"non-finite loss by step {step} and DeepSpeed applied the update (its overflow check is "
+                f"off: gradient_clipping 0 or bf16.check_grad_overflow false); the weights are lost, resume "
+                f"from the last checkpoint with a lower train.lr"
             )
-        step = self.state.step + 1  # 1-based, as logged
-        self.state.nonfinite_steps += 1
-        log.warning("step %d: non-finite loss, update skipped (%d in a row)", step, consecutive)
-        if consecutive >= self.cfg.train.max_nonfinite_steps:
+        if health.total:
+            log.warning(
+                "step %d: %d non-finite loss(es) since the last report, update skipped (%d in a row)",
+                step,
+                health.total,
+                health.consecutive,
+            )
+        limit = self.cfg.train.max_nonfinite_steps
+        if health.longest >= limit:
             last = self._last_saved or "none written by this run"
             raise NonFiniteLossError(
-                f"{consecutive} consecutive steps with a non-finite loss (train.max_nonfinite_steps="
-                f"{self.cfg.train.max_nonfinite_steps}) at step {step}; stopping. Last good "
-                f"checkpoint: {last}. Lower train.lr or raise train.warmup_steps, then resume"
+                f"{health.longest} consecutive steps with a non-finite loss (train.max_nonfinite_steps="
+                f"{limit}) by step {step}; stopping. Last good checkpoint: {last}. Lower train.lr or raise "
+                f"train.warmup_steps, then resume"
             )
 
     # ---- eval / checkpoint -------------------------------------------------------------------------------
@@ -186,11 +351,13 @@ class Trainer:
             )
             return None
         sums = MetricSums(self.engine.device)
+        seeds = StepSeeds(derive_seed(self.cfg.train.seed, Stream.EVAL), self.engine.device)
         self.engine.eval()
         with torch.no_grad():
             for i, batch in enumerate(itertools.islice(loader, n)):
-                seed = step_seed(derive_seed(self.cfg.train.seed, Stream.EVAL), i, self.rank)
-                sums.add(self._forward(self._to_device(batch), seed))
+                batch = to_device(batch, self.engine.device)
+                seed = seeds.set(i, self.rank)
+                sums.add(self.engine(*(batch[k] for k in BATCH_KEYS), seed=seed))
         self.engine.train()
         return self.reporter.report(self.state.step, sums.reduce(), prefix="eval")
 
@@ -230,18 +397,17 @@ class Trainer:
 
     def _train(self, batches) -> int:
         cfg = self.cfg
-        consecutive_bad = 0
         while self.state.step < cfg.train.steps:
             lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler advances inside it
-            nonfinite, waited = self._train_step(batches)
-            bad, stop = self._sync_flags(nonfinite)
-            consecutive_bad = consecutive_bad + 1 if bad else 0
-            if bad:
-                self._handle_nonfinite(consecutive_bad)
+            waited = self._train_step(batches)
             self.state.step += 1
             self.state.consumed_samples += cfg.train.global_batch_size
             self.reporter.step_done(waited)
             step = self.state.step
+            stop = self.stop_flags.any()  # host flags, every step: a signal is acted on at once
+            if not (stop or self._is_sync_step(step)):
+                continue
+            self._check_health()  # before any checkpoint: never save weights a non-finite run has lost
             if step % cfg.logging.every == 0 or step == cfg.train.steps:
                 values = self.sums.reduce()
                 values.update(lr=lr, grad_norm=self._grad_norm(), loss_scale=self._loss_scale())
