@@ -232,41 +232,37 @@ def test_single_rank_mpirun_needs_no_mpi_init():
     assert (dist_env.world_size, dist_env.local_rank, dist_env.launcher) == (1, 0, "mpi")
 
 
-def test_the_process_group_uses_the_port_discovery_chose(monkeypatch):
+def test_the_process_group_uses_the_port_discovery_chose():
     """A single process gets port 0 from discovery (its store binds a port of its own), and joining the
-    process group (alectra.training.build.init_process_group) keeps it instead of picking one."""
-    import torch.distributed
+    process group (alectra.training.build.init_process_group) keeps it instead of picking one. In a fresh
+    interpreter: this pytest process may hold another test module's group, which must not be replaced or
+    destroyed here."""
+    code = """
+import os, torch.distributed
+from alectra.distributed import init_distributed_env
+from alectra.training.build import init_process_group
+chosen = init_distributed_env().master_port
+assert chosen == 0 and os.environ["MASTER_PORT"] == "0", (chosen, os.environ["MASTER_PORT"])
+init_process_group()
+assert os.environ["MASTER_PORT"] == "0"
+store = torch.distributed.distributed_c10d._get_default_store()
+while hasattr(store, "underlying_store"):  # PrefixStores over the rendezvous TCPStore
+    store = store.underlying_store
+assert store.port > 0, store.port  # bound by the store itself
+torch.distributed.destroy_process_group()
+print("ok")
+"""
+    rendezvous = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
 
-    from alectra.training.build import init_process_group
 
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    chosen = init_distributed_env().master_port
-    assert chosen == 0 and os.environ["MASTER_PORT"] == "0"
-    init_process_group()
-    try:
-        assert os.environ["MASTER_PORT"] == str(chosen)
-        store = torch.distributed.distributed_c10d._get_default_store()
-        while hasattr(store, "underlying_store"):  # PrefixStores over the rendezvous TCPStore
-            store = store.underlying_store
-        assert store.port > 0  # bound by the store itself
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_run_on_rank0_returns_and_raises_on_every_rank():
+def test_run_on_rank0_returns_and_raises_on_every_rank(single_process_group):
     """With one process, rank 0 runs the function; its exception reaches the caller (the others would get a
     RuntimeError naming it, after the broadcast that keeps them from waiting forever)."""
-    import torch.distributed
+    from alectra.distributed import run_on_rank0
 
-    from alectra.distributed import free_port, run_on_rank0
-
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
-    )
-    try:
-        assert run_on_rank0(lambda x, y=0: x + y, 2, y=3) == 5
-        with pytest.raises(OSError, match="disk full"):
-            run_on_rank0(lambda: (_ for _ in ()).throw(OSError("disk full")))
-    finally:
-        torch.distributed.destroy_process_group()
+    assert run_on_rank0(lambda x, y=0: x + y, 2, y=3) == 5
+    with pytest.raises(OSError, match="disk full"):
+        run_on_rank0(lambda: (_ for _ in ()).throw(OSError("disk full")))
