@@ -404,6 +404,8 @@ class Trainer:
             self.state.consumed_samples += cfg.train.global_batch_size
             self.reporter.step_done(waited)
             step = self.state.step
+            if self.stop.interrupted:  # a Ctrl-C whose KeyboardInterrupt a finalizer swallowed (StopRequest)
+                raise KeyboardInterrupt
             stop = self.stop_flags.any()  # host flags, every step: a signal is acted on at once
             if not (stop or self._is_sync_step(step)):
                 continue
