@@ -142,6 +142,7 @@ def build_trainer(cfg: RunConfig, plan: DeepSpeedPlan, data: RunData) -> Trainer
         flops_per_token=flops_per_token,
         precision=plan.precision,
         progress_bar=cfg.logging.progress_bar,
+        every=cfg.logging.every,
     )
     checkpointer = Checkpointer(
         cfg.checkpoint_dir,

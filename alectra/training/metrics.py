@@ -128,9 +128,12 @@ class MetricsReporter:
         flops_per_token: float,
         precision: str,
         progress_bar: bool,
+        every: int = 1,
     ) -> None:
         self.engine = engine
         self.is_rank0 = is_rank0
+        self.every = every  # logging.every: its own cadence (`due`)
+        self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
         self.samples_per_step = samples_per_step
         self.flops_per_token = flops_per_token
@@ -157,6 +160,10 @@ class MetricsReporter:
         self._window_start, self._window_cpu = time.perf_counter(), time.process_time()
         self._window_steps = 0
         self._data_wait = 0.0
+
+    def due(self, step: int) -> bool:
+        """Whether a report line is due after `step`: every `every` steps and the last one."""
+        return step % self.every == 0 or step == self.total_steps
 
     def step_done(self, data_wait_s: float) -> None:
         """Count one optimizer step and the seconds it spent waiting for batches."""

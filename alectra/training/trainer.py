@@ -10,8 +10,9 @@ A step never waits for the device (issue 12, item 3; tests/test_step_syncs.py): 
 tensor refilled in place (`StepSeeds`), losses and metric counts are summed on the device (`MetricSums`),
 non-finite losses are counted there (`StepHealth`), and the engine's non-finite skip is decided there
 (alectra.training.zero). The host reads them in one all-reduce at the steps where it acts anyway: a report,
-an evaluation, a checkpoint, the last step (`Trainer._is_sync_step`); a run of non-finite steps is acted on
-there, at most `logging.every` steps later, and always before a checkpoint is written. A stop signal is host
+an evaluation, a checkpoint, the last step (each component's `due`, asked in `Trainer._train`); a run of
+non-finite steps is acted on there, at most `logging.every` steps later, and always before a checkpoint is
+written. A stop signal is host
 data and is acted on at the end of the step it arrived in (`StopFlags`: with several ranks a 1-element
 all-reduce on a gloo group of CPU tensors, which never touches the device).
 """
@@ -298,16 +299,10 @@ class Trainer:
             health=self.health,
         )
 
-    def _is_sync_step(self, step: int) -> bool:
-        """Steps where the host reads the device (a report, an evaluation, a checkpoint, the last step); the
-        same on every rank, since the read is an all-reduce."""
-        cfg = self.cfg
-        return (
-            step % cfg.logging.every == 0
-            or step == cfg.train.steps
-            or self.checkpointer.due(step)
-            or bool(cfg.logging.eval_every and step % cfg.logging.eval_every == 0)
-        )
+    def _eval_due(self, step: int) -> bool:
+        """The evaluation's cadence: every `logging.eval_every` steps (0: never) and the last step."""
+        every = self.cfg.logging.eval_every
+        return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
     def _check_health(self) -> None:
         """Read the non-finite counters of every rank (the step's one sync); raise when the run must stop."""
@@ -407,17 +402,21 @@ class Trainer:
             if self.stop.interrupted:  # a Ctrl-C whose KeyboardInterrupt a finalizer swallowed (StopRequest)
                 raise KeyboardInterrupt
             stop = self.stop_flags.any()  # host flags, every step: a signal is acted on at once
-            if not (stop or self._is_sync_step(step)):
+            # Each component owns its cadence; the host reads the device only on steps where one acts (the
+            # same on every rank: the read is an all-reduce).
+            report, evaluate = self.reporter.due(step), self._eval_due(step)
+            save = stop or self.checkpointer.due(step) or step == cfg.train.steps
+            if not (report or evaluate or save):
                 continue
             self._check_health()  # before any checkpoint: never save weights a non-finite run has lost
-            if step % cfg.logging.every == 0 or step == cfg.train.steps:
+            if report:
                 values = self.sums.reduce()
                 values.update(lr=lr, grad_norm=self._grad_norm(), loss_scale=self._loss_scale())
                 values["skipped_steps"] = float(self.state.nonfinite_steps)
                 self.reporter.report(step, values)
-            if cfg.logging.eval_every and (step % cfg.logging.eval_every == 0 or step == cfg.train.steps):
+            if evaluate:
                 self.evaluate()
-            if stop or self.checkpointer.due(step) or step == cfg.train.steps:
+            if save:
                 self.save()
             if stop and step < cfg.train.steps:
                 if self.rank == 0:
