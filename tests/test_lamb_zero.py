@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from alectra.distributed import free_port
 from tests.test_optim import reference_lamb_step
 
 STEPS = 20
@@ -132,17 +132,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save({"zero": results, "reference": references}, os.path.join(out_dir, "results.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
 def zero_runs(request, tmp_path_factory):
     world = request.param
     out = tmp_path_factory.mktemp(f"lamb_zero_{world}")
-    mp.start_processes(_worker, args=(world, _free_port(), str(out)), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, free_port(), str(out)), nprocs=world, start_method="spawn")
     return world, torch.load(out / "results.pt")
 
 
