@@ -66,7 +66,12 @@ class Run:
         self.started_ns = time.time_ns()
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_foreground_signals,
             )
         self.pgid = self.proc.pid
         self.seen: dict[int, psutil.Process] = {}  # every process seen: launcher, ranks, workers
@@ -152,6 +157,13 @@ class Run:
             if line.startswith("fault-injected-at "):
                 return float(line.split()[1])
         return None
+
+
+def _foreground_signals() -> None:
+    """In the run's child before exec: SIGINT as a terminal's foreground job has it. A pytest started in the
+    background (`cmd &` from a script, as CI may be) ignores SIGINT, the runs would inherit that, and
+    Python then leaves Ctrl-C ignored (the Ctrl-C test failed so: the run trained to its end, exit 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def logged_steps(out: Path) -> list[int]:
@@ -883,10 +895,23 @@ def test_failed_build_folder_accepts_the_corrected_command(tmp_path, tok_dir, ca
 
 
 def test_ctrl_c_swallowed_by_a_finalizer_is_still_seen():
-    """A KeyboardInterrupt raised inside `__del__` is printed and dropped by Python; the trainer then went on
-    to the last step and exited 0 (seen once in the full suite). StopRequest records the Ctrl-C, and the
-    trainer's loop raises it at the step end (Trainer._train)."""
+    """A KeyboardInterrupt raised inside `__del__` is printed and dropped by Python, and a run would go on.
+    StopRequest records the Ctrl-C, and the trainer's loop raises it at the step end (Trainer._train). A
+    process that inherited SIGINT ignored keeps ignoring it."""
     from alectra.training.signals import StopRequest
+
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a job started with `&` from a script
+    try:
+        StopRequest().close()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python sets it up in a terminal
+        _ctrl_c_in_a_finalizer(StopRequest)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _ctrl_c_in_a_finalizer(StopRequest) -> None:  # noqa: N803 - the class under test
 
     class Freed:
         def __del__(self):
@@ -904,4 +929,3 @@ def test_ctrl_c_swallowed_by_a_finalizer_is_still_seen():
                 pass
     finally:
         request.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
