@@ -12,9 +12,8 @@ non-finite losses are counted there (`StepHealth`), and the engine's non-finite 
 (alectra.training.zero). The host reads them in one all-reduce at the steps where it acts anyway: a report,
 an evaluation, a checkpoint, the last step (each component's `due`, asked in `Trainer._train`); a run of
 non-finite steps is acted on there, at most `logging.every` steps later, and always before a checkpoint is
-written. A stop signal is host
-data and is acted on at the end of the step it arrived in (`StopFlags`: with several ranks a 1-element
-all-reduce on a gloo group of CPU tensors, which never touches the device).
+written. A stop signal is host data and is acted on at the end of the step it arrived in (`StopFlags`: with
+several ranks a 1-element all-reduce on a gloo group of CPU tensors, which never touches the device).
 """
 
 from __future__ import annotations
@@ -202,9 +201,7 @@ def train_step(
         start = time.perf_counter()
         batch = to_device(next(batches), engine.device)
         waited += time.perf_counter() - start
-        out = engine(
-            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], seed=seeds.set(step, slot)
-        )
+        out = engine(*(batch[k] for k in BATCH_KEYS), seed=seeds.set(step, slot))
         engine.backward(out.loss)
         engine.step()
         health.add(out.loss)
